@@ -1,0 +1,88 @@
+"""Budget arithmetic: how many prompt tokens each part of a pruning policy keeps.
+
+All counts are Python ints derived from the (unpadded) prompt length ``L`` of one sequence.
+The formulas are those of CSP_SPEC.md ("Budget arithmetic"); the baselines share the same
+split into a score-ranked part ``k`` and an always-kept recent window ``R``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The authors' debug leftover: cross_ratio <= 0 forces these quotas whatever L is.
+AUTHORS_ZERO_CROSS_QUOTAS = (1, 308)  # (k_cross, k_self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Token counts for one sequence of ``length`` real (non-padding) prompt tokens.
+
+    ``keep_all`` is True when nothing is pruned: the budget is the whole prompt, the prompt is
+    too short for a single scoring query (``window == 0``), or there are fewer candidate
+    tokens than quotas (``length - recent < k_self + k_cross``, which covers the spec's
+    ``length < hh + window``). Then all ``length`` tokens are kept.
+    """
+
+    length: int
+    hh: int  # heavy-hitter budget (score-ranked tokens, before the recent-bias correction)
+    window: int  # W: number of scoring queries, the last W prompt tokens
+    recent: int  # R: the last R prompt tokens, always kept
+    k: int  # tokens chosen by score from positions [0, length - recent)
+    k_self: int
+    k_cross: int
+    keep_all: bool
+
+    @property
+    def kept(self) -> int:
+        """Number of kept tokens (counting a token chosen twice twice, as the authors do)."""
+        if self.keep_all:
+            return self.length
+        return self.k_self + self.k_cross + self.recent
+
+
+def _frac(x: float) -> float:
+    # budget - window_ratio in floating point leaves tails such as 0.30000000000000004 that
+    # would make int(L * x) differ from the authors' int(L * 0.3); 12 digits is far below
+    # any ratio a user writes and far above the float noise.
+    return round(x, 12)
+
+
+def split_budget(
+    length: int,
+    budget: float,
+    window_ratio: float,
+    cross_ratio: float = 0.5,
+    recent_bias: float = 1.0,
+    faithful: bool = False,
+) -> Budget:
+    """CSP's budget split for a prompt of ``length`` tokens.
+
+    ``budget`` is the kept fraction of the prompt (the authors' ``hh_ratio + recent_ratio``),
+    ``window_ratio`` the authors' ``recent_ratio`` and ``recent_bias`` their ``kv_recent_bias``
+    (beta). With ``faithful=True`` a ``cross_ratio <= 0`` reproduces the authors' fixed
+    ``(k_cross, k_self) = (1, 308)``.
+    """
+    hh = int(length * _frac(budget - window_ratio))
+    window = int(length * window_ratio)
+    recent = window if recent_bias == 1 else int(window * recent_bias)
+    k = hh + window - recent
+    if faithful and cross_ratio <= 0:
+        k_cross, k_self = AUTHORS_ZERO_CROSS_QUOTAS
+    else:
+        k_cross = int(k * cross_ratio)
+        k_self = int(k * (1 - cross_ratio))
+    return Budget(
+        length=length,
+        hh=hh,
+        window=window,
+        recent=recent,
+        k=k,
+        k_self=k_self,
+        k_cross=k_cross,
+        keep_all=(
+            budget >= 1
+            or window == 0
+            or hh + window >= length
+            or length - recent < k_self + k_cross
+        ),
+    )

@@ -1,0 +1,421 @@
+"""What to keep: CSP and the baselines, as frozen dataclasses behind one ``select`` interface.
+
+``policy.select(q, k, is_image, key_padding=None, *, scale=None)`` takes one layer's prompt
+queries and keys and returns the kept prompt positions per KV head::
+
+    q           (batch, q_heads, seq, head_dim)   all prompt queries, RoPE applied
+    k           (batch, kv_heads, seq, head_dim)
+    is_image    (batch, seq) bool                 True for visual tokens
+    key_padding (batch, seq) bool or None         True = left padding; never kept
+    returns     (batch, kv_heads, K) long         ascending positions, -1 padded at the end
+
+Each sequence gets its own budget from its own unpadded length. A baseline only writes
+``score()``; :class:`ScoredPolicy` turns scores into the top ``k`` plus the recent window.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import selection
+from .budget import Budget, split_budget
+from .scoring import decomposed_scores
+
+
+class Prompt(NamedTuple):
+    """One layer's validated prompt, with each sequence's padding and budget."""
+
+    q: Tensor
+    k: Tensor
+    is_image: Tensor
+    key_padding: Tensor | None
+    scale: float
+    pads: list[int]
+    budgets: list[Budget]
+
+    @property
+    def seq(self) -> int:
+        return self.k.shape[2]
+
+    def pool(self) -> Tensor:
+        """(batch, 1, seq) bool: the positions ranked by score, ``[pad, seq - recent)``."""
+        pos = torch.arange(self.seq, device=self.k.device)
+        lo = selection.counts(self.pads, self.k.device)[:, 0]
+        hi = selection.counts([self.seq - b.recent for b in self.budgets], self.k.device)[:, 0]
+        return ((pos >= lo) & (pos < hi))[:, None, :]
+
+    def recent(self) -> Tensor:
+        """(batch, kv_heads, R) long: each sequence's always-kept last ``recent`` positions."""
+        lengths = selection.counts([b.recent for b in self.budgets], self.k.device)
+        return selection.span(self.seq - lengths, lengths, self.k.shape[1])
+
+    def window(self) -> tuple[Tensor, Tensor]:
+        """The scoring queries (batch, q_heads, W, head_dim) and the mask of those that count
+        (batch, W), W being the longest window in the batch."""
+        width = max(b.window for b in self.budgets)
+        own = selection.counts([b.window for b in self.budgets], self.k.device)[:, 0]
+        mask = torch.arange(width, device=self.k.device) >= width - own
+        return self.q[:, :, self.seq - width :], mask
+
+
+def _keep_all_as_recent(budget: Budget) -> Budget:
+    # A sequence that keeps everything is, for batched selection, one whose recent window is
+    # the whole prompt and whose quotas are zero.
+    if not budget.keep_all:
+        return budget
+    n = budget.length
+    return Budget(n, hh=0, window=0, recent=n, k=0, k_self=0, k_cross=0, keep_all=True)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_range(name: str, value: object, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = _real(value) and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base of all policies: input validation, per-sequence budgets, the keep-all path."""
+
+    name: ClassVar[str]
+
+    def budget_for(self, length: int) -> Budget:
+        """The budget of one sequence with ``length`` real prompt tokens."""
+        raise NotImplementedError
+
+    def select(
+        self,
+        q: Tensor,
+        k: Tensor,
+        is_image: Tensor,
+        key_padding: Tensor | None = None,
+        *,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Kept prompt positions per KV head (see the module docstring for shapes)."""
+        prompt = self._prompt(q, k, is_image, key_padding, scale)
+        if all(b.keep_all for b in prompt.budgets):
+            return prompt.recent()
+        return self._select(prompt)
+
+    def _select(self, prompt: Prompt) -> Tensor:
+        raise NotImplementedError
+
+    def _prompt(self, q, k, is_image, key_padding, scale) -> Prompt:
+        if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
+            raise ValueError(
+                "q must be (batch, q_heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) "
+                f"with the same seq, got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+            )
+        b, _, seq, d = q.shape
+        for mask_name, mask in (("is_image", is_image), ("key_padding", key_padding)):
+            if mask is not None and (tuple(mask.shape) != (b, seq) or mask.dtype != torch.bool):
+                raise ValueError(
+                    f"{mask_name} must be a bool tensor of shape (batch, seq) = {(b, seq)}, got "
+                    f"shape={tuple(mask.shape)} dtype={mask.dtype}"
+                )
+        pads = [0] * b
+        if key_padding is not None:
+            pads = key_padding.sum(dim=1).tolist()
+            left = torch.arange(seq, device=k.device) < key_padding.sum(dim=1, keepdim=True)
+            if not torch.equal(left, key_padding):
+                raise ValueError(
+                    "key_padding must be left padding (True only on a prefix of each row); "
+                    "right or inner padding cannot be pruned correctly"
+                )
+        budgets = [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        return Prompt(q, k, is_image, key_padding, scale, pads, budgets)
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Keep every prompt token (the unpruned cache)."""
+
+    name: ClassVar[str] = "full"
+
+    def budget_for(self, length: int) -> Budget:
+        return Budget(
+            length, hh=0, window=0, recent=length, k=0, k_self=0, k_cross=0, keep_all=True
+        )
+
+
+@dataclass(frozen=True)
+class CSP(Policy):
+    """Cross-Self Pruning (CSP_SPEC.md).
+
+    Args:
+        budget: kept fraction of the prompt, in (0, 1].
+        window_ratio: scoring window and always-kept recent tokens, as a fraction of the
+            prompt, in (0, budget].
+        cross_ratio: share of the score-ranked tokens chosen by the cross-modality score.
+        n: the n-softmax parameter used for ranking (0 = ordinary softmax).
+        sink_tokens: first real tokens always kept, taken out of the self quota.
+        faithful: reproduce the authors' selection quirks (duplicates, cross_ratio <= 0
+            meaning quotas (1, 308)).
+        recent_bias: the authors' ``kv_recent_bias``: recent kept = int(W * recent_bias).
+    """
+
+    name: ClassVar[str] = "csp"
+    budget: float = 0.2
+    window_ratio: float = 0.1
+    cross_ratio: float = 0.5
+    n: float = 1.0
+    sink_tokens: int = 0
+    faithful: bool = False
+    recent_bias: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range("budget", self.budget, 0.0, 1.0, lo_open=True)
+        _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
+        _check_range("cross_ratio", self.cross_ratio, 0.0, 1.0)
+        _check_range("recent_bias", self.recent_bias, 0.0, 1.0)
+        if not (_real(self.n) and self.n >= 0):
+            raise ValueError(f"n must be a finite number >= 0, got n={self.n!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(
+                f"sink_tokens must be an int >= 0, got sink_tokens={self.sink_tokens!r}"
+            )
+        if self.faithful and self.sink_tokens:
+            raise ValueError(
+                f"faithful=True reproduces the authors' code, which has no sink tokens; "
+                f"got sink_tokens={self.sink_tokens}"
+            )
+
+    @classmethod
+    def from_authors(
+        cls,
+        hh_ratio: float = 0.1,
+        recent_ratio: float = 0.1,
+        cross_ratio: float = 0.5,
+        kv_recent_bias: float = 1.0,
+        n: float = 1.0,
+        faithful: bool = True,
+    ) -> CSP:
+        """The authors' parametrisation (``hh_ratio + recent_ratio`` is our budget)."""
+        return cls(
+            budget=round(hh_ratio + recent_ratio, 12),
+            window_ratio=recent_ratio,
+            cross_ratio=cross_ratio,
+            n=n,
+            faithful=faithful,
+            recent_bias=kv_recent_bias,
+        )
+
+    def budget_for(self, length: int) -> Budget:
+        return split_budget(
+            length, self.budget, self.window_ratio, self.cross_ratio, self.recent_bias,
+            self.faithful,
+        )  # fmt: skip
+
+    def quotas(self, prompt: Prompt) -> list[tuple[int, int]]:
+        """(k_self, k_cross) per sequence; a sequence without image tokens puts its whole
+        score-ranked budget on the (text-only) self score, and says so."""
+        out = []
+        has_image = (prompt.is_image & ~_pad(prompt)).any(dim=1).tolist()
+        for bud, img in zip(prompt.budgets, has_image, strict=True):
+            if img or self.faithful or bud.keep_all:
+                out.append((bud.k_self, bud.k_cross))
+            else:
+                warnings.warn(
+                    "CSP: a prompt has no image tokens; scoring is text-only (the cross "
+                    "quota goes to the self score)",
+                    stacklevel=4,
+                )
+                out.append((bud.k_self + bud.k_cross, 0))
+        return out
+
+    def _select(self, prompt: Prompt) -> Tensor:
+        q_window, window_mask = prompt.window()
+        scores = decomposed_scores(
+            q_window, prompt.k, prompt.is_image, n=self.n, scale=prompt.scale,
+            key_padding=prompt.key_padding, window_mask=window_mask,
+        )  # fmt: skip
+        s_self, s_cross = scores.unbind(dim=2)
+        dev, seq, heads = prompt.k.device, prompt.seq, prompt.k.shape[1]
+        quotas = self.quotas(prompt)
+        k_self = selection.counts([q[0] for q in quotas], dev)
+        k_cross = selection.counts([q[1] for q in quotas], dev)
+        pool = prompt.pool()
+        if self.faithful:
+            chosen_self = selection.top(s_self, k_self, pool)
+            chosen_cross = selection.top(s_cross, k_cross, pool)
+            return selection.merge([chosen_self, chosen_cross, prompt.recent()], seq)
+        n_sink = selection.counts([min(self.sink_tokens, q[0]) for q in quotas], dev)
+        sinks = selection.span(selection.counts(prompt.pads, dev), n_sink, heads)
+        pool = pool & ~selection.as_mask(sinks[:, :1], seq)
+        chosen_self = selection.top(s_self, k_self - n_sink, pool)
+        pool = pool & ~selection.as_mask(chosen_self, seq)
+        chosen_cross = selection.top(s_cross, k_cross, pool)
+        return selection.merge([sinks, chosen_self, chosen_cross, prompt.recent()], seq)
+
+
+def _pad(prompt: Prompt) -> Tensor:
+    if prompt.key_padding is None:
+        return torch.zeros_like(prompt.is_image)
+    return prompt.key_padding
+
+
+@dataclass(frozen=True)
+class ScoredPolicy(Policy):
+    """A baseline that ranks tokens by one score: keep the top ``k`` of ``[pad, seq - W)`` plus
+    the last ``W`` tokens, with ``k = int(L·(budget − window_ratio))`` and
+    ``W = int(L·window_ratio)`` as for CSP, so every policy keeps the same count."""
+
+    budget: float = 0.2
+    window_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_range("budget", self.budget, 0.0, 1.0, lo_open=True)
+        _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
+
+    def budget_for(self, length: int) -> Budget:
+        return split_budget(length, self.budget, self.window_ratio)
+
+    def score(self, prompt: Prompt) -> Tensor:
+        """(batch, kv_heads, seq) float, higher = keep."""
+        raise NotImplementedError
+
+    def _select(self, prompt: Prompt) -> Tensor:
+        quota = selection.counts([b.k for b in prompt.budgets], prompt.k.device)
+        chosen = selection.top(self.score(prompt), quota, prompt.pool())
+        return selection.merge([chosen, prompt.recent()], prompt.seq)
+
+
+def _column_sums(prompt: Prompt, q: Tensor, window_mask: Tensor | None = None) -> Tensor:
+    """Σ over the given queries of softmax attention per key: (batch, kv_heads, seq)."""
+    scores = decomposed_scores(
+        q, prompt.k, prompt.is_image, n=0.0, scale=prompt.scale,
+        key_padding=prompt.key_padding, window_mask=window_mask,
+    )  # fmt: skip
+    return scores.sum(dim=2)
+
+
+@dataclass(frozen=True)
+class H2O(ScoredPolicy):
+    """Heavy hitters: attention received from all prompt queries (an O(L²) score, chunked)."""
+
+    name: ClassVar[str] = "h2o"
+
+    def score(self, prompt: Prompt) -> Tensor:
+        return _column_sums(prompt, prompt.q)
+
+
+@dataclass(frozen=True)
+class SnapKV(ScoredPolicy):
+    """Attention from the window queries, average-pooled over ``kernel_size`` positions."""
+
+    name: ClassVar[str] = "snapkv"
+    kernel_size: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            not isinstance(self.kernel_size, int)
+            or self.kernel_size < 1
+            or self.kernel_size % 2 == 0
+        ):
+            raise ValueError(
+                f"kernel_size must be an odd int >= 1, got kernel_size={self.kernel_size!r}"
+            )
+
+    def score(self, prompt: Prompt) -> Tensor:
+        q_window, window_mask = prompt.window()
+        sums = _column_sums(prompt, q_window, window_mask)
+        # Zero the window columns first so that pooling near each sequence's own window edge
+        # sees zero padding, as pooling over [0, seq - W) alone would.
+        sums = sums.masked_fill(~prompt.pool(), 0.0)
+        flat = sums.reshape(-1, 1, prompt.seq)
+        pooled = torch.nn.functional.avg_pool1d(
+            flat, self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=True
+        )
+        return pooled.view_as(sums)
+
+
+@dataclass(frozen=True)
+class LookM(H2O):
+    """LOOK-M's text prior: H2O scores, with every text key ranked before any image key."""
+
+    name: ClassVar[str] = "lookm"
+
+    def _select(self, prompt: Prompt) -> Tensor:
+        score, pool = self.score(prompt), prompt.pool()
+        text_pool = pool & ~prompt.is_image[:, None]
+        n_text = text_pool.sum(dim=-1, keepdim=True)
+        quota = selection.counts([b.k for b in prompt.budgets], prompt.k.device)
+        text = selection.top(score, torch.minimum(quota, n_text), text_pool)
+        image = selection.top(
+            score, quota - torch.minimum(quota, n_text), pool & prompt.is_image[:, None]
+        )
+        return selection.merge([text, image, prompt.recent()], prompt.seq)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(ScoredPolicy):
+    """The first ``sink_tokens`` real tokens plus the most recent ones, same total count."""
+
+    name: ClassVar[str] = "streamingllm"
+    sink_tokens: int = 4
+
+    def budget_for(self, length: int) -> Budget:
+        base = super().budget_for(length)
+        total = base.k + base.recent
+        sinks = min(self.sink_tokens, total)
+        return Budget(length, sinks, base.window, total - sinks, sinks, 0, 0, base.keep_all)
+
+    def score(self, prompt: Prompt) -> Tensor:
+        pos = torch.arange(prompt.seq, 0, -1, device=prompt.k.device, dtype=torch.float32)
+        return pos.expand(prompt.k.shape[0], prompt.k.shape[1], -1)
+
+
+@dataclass(frozen=True)
+class RandomKeep(ScoredPolicy):
+    """Uniformly random tokens (seeded) plus the recent window: a control."""
+
+    name: ClassVar[str] = "random"
+    seed: int = 0
+
+    def score(self, prompt: Prompt) -> Tensor:
+        gen = torch.Generator(device=prompt.k.device).manual_seed(self.seed)
+        b, h, seq, _ = prompt.k.shape
+        return torch.rand(b, h, seq, generator=gen, device=prompt.k.device)
+
+
+@dataclass(frozen=True)
+class KNorm(ScoredPolicy):
+    """Keys with the smallest L2 norm (score = -||k_j||): a cheap, attention-free control."""
+
+    name: ClassVar[str] = "knorm"
+
+    def score(self, prompt: Prompt) -> Tensor:
+        return -prompt.k.float().norm(dim=-1)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (Full, CSP, H2O, SnapKV, StreamingLLM, LookM, RandomKeep, KNorm)
+}
+
+
+def make_policy(name: str, **options: object) -> Policy:
+    """A policy by its short name (``"csp"``, ``"snapkv"``, …) with dataclass options."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known policies: {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(
+            f"policy {name!r} has no option(s) {sorted(unknown)}; its options: {sorted(allowed)}"
+        )
+    return cls(**options)

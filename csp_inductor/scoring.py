@@ -1,0 +1,200 @@
+"""Decomposed self/cross window scores and the n-softmax: the public functions and the CPU path.
+
+The CPU path never forms an (seq, seq) matrix. It walks the ``W`` window queries in row chunks
+sized to a fixed memory budget; each chunk holds complete causal rows, so the row's
+log-sum-exp, the n-softmax weight ``w_i = sigmoid(LSE_i - ln n)`` and the column sums split by
+query modality all come from one pass. The GQA group sum is folded into the same contraction::
+
+    acc[b, h, m, j] += Σ_{g, i in chunk} exp(s[b, h, g, i, j] - LSE) · w · [modality(i) == m]
+
+Peak extra memory is one chunk of logits (``chunk_elements`` fp32 values, 32 MiB by default)
+plus the (batch, kv_heads, 2, seq) fp32 output: O(H·L), independent of ``W``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+
+
+def n_softmax(x: Tensor, n: float = 1.0, dim: int = -1) -> Tensor:
+    """``softmax_n(x) = exp(x) / (n + Σ exp(x))`` along ``dim``, numerically stable.
+
+    ``n = 0`` is the ordinary softmax. Computed in fp32 (fp64 stays fp64) as
+    ``exp(x - LSE) · sigmoid(LSE - ln n)``, which neither overflows for large ``x`` nor for
+    large ``n``; the result has ``x``'s dtype. A row that is entirely ``-inf`` gives zeros.
+    CUDA tensors go through the registered op (a fused Triton kernel when available).
+    """
+    _check_n(n)
+    if x.is_cuda:
+        return torch.ops.csp_inductor.n_softmax(x, float(n), dim)
+    return n_softmax_torch(x, n, dim)
+
+
+def n_softmax_torch(x: Tensor, n: float = 1.0, dim: int = -1) -> Tensor:
+    """The pure-torch n-softmax (see :func:`n_softmax`)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    lse = torch.logsumexp(xf, dim=dim, keepdim=True)
+    lse = lse.clamp_min(torch.finfo(xf.dtype).min)  # an all -inf row gives zeros, not NaN
+    out = torch.exp(xf - lse) * torch.sigmoid(lse - _log(n))
+    return out.to(x.dtype)
+
+
+def _log(n: float) -> float:
+    return math.log(n) if n > 0 else -math.inf
+
+
+def _check_n(n: float) -> None:
+    if not (isinstance(n, (int, float)) and n >= 0 and math.isfinite(n)):
+        raise ValueError(f"n must be a finite number >= 0 (0 = ordinary softmax), got n={n!r}")
+
+
+def decomposed_scores(
+    q_window: Tensor,
+    k: Tensor,
+    is_image: Tensor,
+    *,
+    n: float = 1.0,
+    scale: float | None = None,
+    key_padding: Tensor | None = None,
+    window_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """CSP's decomposed window scores, (batch, kv_heads, 2, seq) fp32.
+
+    ``[:, :, 0]`` is the self (intra-modality) score, ``[:, :, 1]`` the cross score.
+
+    Args:
+        q_window: (batch, q_heads, W, head_dim), the last ``W`` prompt queries, RoPE applied.
+        k: (batch, kv_heads, seq, head_dim); ``q_heads`` must be a multiple of ``kv_heads``.
+        is_image: (batch, seq) bool, True for visual tokens.
+        n: the n-softmax parameter (0 = ordinary softmax).
+        scale: logit scale; None = ``1 / sqrt(head_dim)``.
+        key_padding: (batch, seq) bool, True = padding; None = no padding.
+        window_mask: (batch, W) bool, which window queries count; None = all of them.
+            Queries at padding positions never count.
+        backend: ``"auto"`` (the registered op: Triton on CUDA, the chunked torch path on CPU),
+            ``"reference"`` (dense, for testing), ``"torch"`` or ``"triton"`` (on CPU tensors
+            only under ``TRITON_INTERPRET=1``).
+    """
+    _check_scoring_inputs(q_window, k, is_image, key_padding, window_mask)
+    _check_n(n)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    scale = 1.0 / math.sqrt(q_window.shape[-1]) if scale is None else float(scale)
+    if backend == "reference":
+        return reference.decomposed_scores(
+            q_window, k, is_image, n=n, scale=scale, key_padding=key_padding,
+            window_mask=window_mask,
+        ).float()  # fmt: skip
+    if backend == "torch":
+        return decomposed_scores_torch(q_window, k, is_image, n, scale, key_padding, window_mask)
+    if backend == "triton":
+        if not q_window.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                f"Triton is imported to run on {q_window.device.type} tensors"
+            )
+        from .kernels.decomposed_scores import decomposed_scores_triton
+
+        return decomposed_scores_triton(q_window, k, is_image, n, scale, key_padding, window_mask)
+    return torch.ops.csp_inductor.decomposed_scores(
+        q_window, k, is_image, float(n), scale, key_padding, window_mask
+    )
+
+
+def decomposed_scores_torch(
+    q_window: Tensor,
+    k: Tensor,
+    is_image: Tensor,
+    n: float,
+    scale: float,
+    key_padding: Tensor | None,
+    window_mask: Tensor | None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    """The chunked torch path of :func:`decomposed_scores` (arguments already validated)."""
+    b, hq, w, d = q_window.shape
+    hkv, seq = k.shape[1], k.shape[2]
+    group = hq // hkv
+    device = k.device
+    keys_t = k.float().transpose(-1, -2)  # (b, hkv, d, seq)
+    queries = (q_window.float() * scale).view(b, hkv, group, w, d)
+    pad = (
+        torch.zeros(b, seq, dtype=torch.bool, device=device) if key_padding is None else key_padding
+    )
+    rows_valid = ~pad[:, seq - w :]
+    if window_mask is not None:
+        rows_valid = rows_valid & window_mask
+    rows_img = is_image[:, seq - w :]
+    # per window row: its weight goes to accumulator 0 if it is an image query, else 1
+    rows_onehot = torch.stack([rows_img, ~rows_img], dim=-1) & rows_valid[..., None]
+    key_pos = torch.arange(seq, device=device)
+    log_n = _log(n)
+
+    acc = torch.zeros(b, hkv, 2, seq, dtype=torch.float32, device=device)
+    chunk = max(1, min(w, chunk_elements // max(1, b * hq * seq)))
+    for start in range(0, w, chunk):
+        stop = min(w, start + chunk)
+        logits = queries[:, :, :, start:stop] @ keys_t[:, :, None]  # (b, hkv, g, c, seq)
+        q_pos = torch.arange(seq - w + start, seq - w + stop, device=device)
+        masked = (key_pos[None, :] > q_pos[:, None])[None] | pad[:, None, :]  # (b, c, seq)
+        logits.masked_fill_(masked[:, None, None], -math.inf)
+        lse = torch.logsumexp(logits, dim=-1).clamp_min(torch.finfo(torch.float32).min)
+        weight = torch.sigmoid(lse - log_n)  # (b, hkv, g, c)
+        logits.sub_(lse[..., None]).exp_()  # now the softmax probabilities P
+        coef = weight[..., None] * rows_onehot[:, None, None, start:stop]  # (b, hkv, g, c, 2)
+        c = stop - start
+        acc += coef.reshape(b, hkv, group * c, 2).transpose(-1, -2) @ logits.view(
+            b, hkv, group * c, seq
+        )
+    c_img, c_txt = acc.unbind(dim=2)
+    key_img = is_image[:, None, :]
+    return torch.stack(
+        [torch.where(key_img, c_img, c_txt), torch.where(key_img, c_txt, c_img)], dim=2
+    )
+
+
+def _check_scoring_inputs(
+    q_window: Tensor,
+    k: Tensor,
+    is_image: Tensor,
+    key_padding: Tensor | None,
+    window_mask: Tensor | None,
+) -> None:
+    if q_window.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            "q_window must be (batch, q_heads, W, head_dim) and k (batch, kv_heads, seq, "
+            f"head_dim), got q_window.shape={tuple(q_window.shape)}, k.shape={tuple(k.shape)}"
+        )
+    b, hq, w, d = q_window.shape
+    bk, hkv, seq, dk = k.shape
+    if bk != b or dk != d:
+        raise ValueError(
+            "q_window and k must agree on batch and head_dim, got "
+            f"q_window.shape={tuple(q_window.shape)}, k.shape={tuple(k.shape)}"
+        )
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q_heads={hq} must be a positive multiple of kv_heads={hkv}")
+    if w > seq:
+        raise ValueError(f"the window W={w} cannot exceed the sequence length seq={seq}")
+    for name, mask, shape in (
+        ("is_image", is_image, (b, seq)),
+        ("key_padding", key_padding, (b, seq)),
+        ("window_mask", window_mask, (b, w)),
+    ):
+        if mask is None:
+            continue
+        if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+            raise ValueError(
+                f"{name} must be a bool tensor of shape {shape}, got "
+                f"shape={tuple(mask.shape)} dtype={mask.dtype}"
+            )

@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as ``csp_inductor.kernels``. Importing this package needs Triton."""
