@@ -148,9 +148,13 @@ def decomposed_scores_torch(
         q_pos = torch.arange(seq - w + start, seq - w + stop, device=device)
         masked = (key_pos[None, :] > q_pos[:, None])[None] | pad[:, None, :]  # (b, c, seq)
         logits.masked_fill_(masked[:, None, None], -math.inf)
-        lse = torch.logsumexp(logits, dim=-1).clamp_min(torch.finfo(torch.float32).min)
-        weight = torch.sigmoid(lse - log_n)  # (b, hkv, g, c)
-        logits.sub_(lse[..., None]).exp_()  # now the softmax probabilities P
+        # one exp pass: P·total = exp(s - max), LSE = max + log(total)
+        row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        logits.sub_(row_max).exp_()
+        total = logits.sum(dim=-1)  # (b, hkv, g, c); 0 for a fully masked row
+        lse = row_max[..., 0] + total.log()
+        # a fully masked row (a padding query) has total = 0 and contributes nothing
+        weight = torch.where(total > 0, torch.sigmoid(lse - log_n) / total, 0.0)
         coef = weight[..., None] * rows_onehot[:, None, None, start:stop]  # (b, hkv, g, c, 2)
         c = stop - start
         acc += coef.reshape(b, hkv, group * c, 2).transpose(-1, -2) @ logits.view(

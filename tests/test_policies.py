@@ -1,0 +1,165 @@
+"""Budget arithmetic, every policy against the reference selection, and the validation errors."""
+
+import pytest
+import torch
+
+import csp_inductor
+from csp_inductor import CSP, H2O, Full, KNorm, LookM, RandomKeep, SnapKV, StreamingLLM
+from csp_inductor.budget import split_budget
+from csp_inductor.testing import random_prompt, reference_select
+
+
+def test_budget_defaults_match_the_authors():
+    b = split_budget(1000, budget=0.2, window_ratio=0.1)
+    assert (b.hh, b.window, b.recent, b.k, b.k_self, b.k_cross, b.kept) == (
+        100, 100, 100, 100, 50, 50, 200,
+    )  # fmt: skip
+    b = split_budget(1000, budget=0.4, window_ratio=0.1, recent_bias=0.5, cross_ratio=0.1)
+    # hh = int(1000 * 0.3) even though 0.4 - 0.1 == 0.30000000000000004 in floating point
+    assert (b.hh, b.recent, b.k, b.k_self, b.k_cross) == (300, 50, 350, 315, 35)
+    assert split_budget(1000, 0.2, 0.1, cross_ratio=0.0).k_self == 100
+    faithful = split_budget(5000, 0.2, 0.1, cross_ratio=0.0, faithful=True)
+    assert (faithful.k_cross, faithful.k_self) == (1, 308)
+    assert split_budget(9, 0.2, 0.1).keep_all  # no window query at all
+    assert split_budget(1000, 1.0, 0.1).keep_all
+
+
+def test_authors_parametrisation_round_trips():
+    p = CSP.from_authors(hh_ratio=0.3, recent_ratio=0.1, cross_ratio=0.9, kv_recent_bias=0.5)
+    assert p.faithful and p.budget == 0.4
+    b = p.budget_for(1234)
+    assert (b.hh, b.window, b.recent) == (int(1234 * 0.3), 123, 61)
+
+
+POLICY_CASES = [
+    CSP(),
+    CSP(budget=0.35, window_ratio=0.05, cross_ratio=0.9, n=0.0),
+    CSP(cross_ratio=0.1, sink_tokens=3),
+    CSP(faithful=True),
+    CSP.from_authors(cross_ratio=0.0),
+    CSP.from_authors(recent_ratio=0.2, kv_recent_bias=0.5),
+    H2O(),
+    SnapKV(budget=0.3),
+    LookM(),
+    StreamingLLM(),
+    KNorm(),
+]
+
+
+@pytest.mark.parametrize("policy", POLICY_CASES, ids=repr)
+@pytest.mark.parametrize(
+    ("pads", "layout", "seq"),
+    [(None, "blocks", 97), ([0, 17, 40], "mixed", 101), ([5, 0], "text", 67), ([0], "image", 120)],
+)
+def test_select_equals_reference(policy, pads, layout, seq):
+    p = random_prompt(len(pads or [0]), 4, 2, seq, 16, pads=pads, layout=layout, seed=seq)
+    got = policy.select(p.q, p.k, p.is_image, p.key_padding)
+    want = reference_select(policy, p.q, p.k, p.is_image, p.key_padding)
+    assert torch.equal(got, want)
+
+
+def test_random_keep_equals_reference_and_is_deterministic():
+    p = random_prompt(1, 4, 2, 90, 8, seed=3)
+    policy = RandomKeep(seed=7)
+    got = policy.select(p.q, p.k, p.is_image)
+    assert torch.equal(got, reference_select(policy, p.q, p.k, p.is_image))
+    assert torch.equal(got, policy.select(p.q, p.k, p.is_image))
+    assert not torch.equal(got, RandomKeep(seed=8).select(p.q, p.k, p.is_image))
+
+
+def test_ties_go_to_the_lower_position():
+    # zero queries attend uniformly: every key ties, so the earliest ones must win
+    seq = 50
+    q = torch.zeros(1, 2, seq, 8)
+    k = torch.randn(1, 2, seq, 8)
+    img = torch.zeros(1, seq, dtype=torch.bool)
+    img[0, 10:30] = True
+    for policy in (CSP(), CSP(faithful=True), SnapKV(), H2O()):
+        kept = policy.select(q, k, img)
+        b = policy.budget_for(seq)
+        scored = kept[0, 0, : -b.recent]
+        assert scored.tolist() == sorted(scored.tolist()), policy
+        if isinstance(policy, H2O):  # column sums fall with position: earliest win anyway
+            continue
+        assert scored.max() < b.k + 10, (policy, scored)
+
+
+def test_default_keeps_exactly_the_budget_of_distinct_tokens():
+    p = random_prompt(3, 8, 4, 300, 16, pads=[0, 33, 120], layout="blocks", seed=1)
+    policy = CSP(cross_ratio=0.5)
+    kept = policy.select(p.q, p.k, p.is_image, p.key_padding)
+    for b, pad in enumerate([0, 33, 120]):
+        budget = policy.budget_for(300 - pad)
+        for h in range(4):
+            row = kept[b, h][kept[b, h] >= 0]
+            assert len(row) == budget.kept == len(set(row.tolist()))
+            assert row.min() >= pad  # padding is never kept
+            assert row.tolist() == sorted(row.tolist())
+
+
+def test_faithful_reproduces_duplicates_and_the_zero_cross_quirk():
+    p = random_prompt(1, 4, 2, 400, 16, layout="blocks", seed=2)
+    kept = CSP(faithful=True).select(p.q, p.k, p.is_image)
+    budget = CSP(faithful=True).budget_for(400)
+    assert kept.shape[-1] == budget.kept
+    dups = [len(r) - len(set(r)) for r in kept[0].tolist()]
+    assert max(dups) > 0  # a token good for both scores is stored twice, as in the authors' code
+    quirk = CSP.from_authors(cross_ratio=0.0).select(
+        *(random_prompt(1, 2, 2, 4000, 8, seed=4).__dict__[n] for n in ("q", "k", "is_image"))
+    )
+    assert quirk.shape[-1] == 1 + 308 + 400  # (k_cross, k_self) = (1, 308) + recent
+
+
+def test_keep_all_and_full_keep_every_real_token():
+    p = random_prompt(2, 2, 2, 30, 8, pads=[0, 4])
+    for policy in (Full(), CSP(budget=1.0), H2O(budget=1.0)):
+        kept = policy.select(p.q, p.k, p.is_image, p.key_padding)
+        assert kept[0, 0].tolist() == list(range(30))
+        assert kept[1, 0].tolist() == [*range(4, 30), -1, -1, -1, -1]
+
+
+def test_a_prompt_without_images_scores_text_only_and_warns():
+    p = random_prompt(1, 4, 2, 80, 8, layout="text")
+    with pytest.warns(UserWarning, match="no image tokens"):
+        kept = CSP().select(p.q, p.k, p.is_image)
+    assert kept.shape[-1] == CSP().budget_for(80).kept
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: CSP(budget=0.0), "budget must be a number in \\(0.0, 1.0\\], got budget=0.0"),
+        (lambda: CSP(budget=1.5), "budget=1.5"),
+        (lambda: CSP(budget=0.1, window_ratio=0.2), "window_ratio must be .* got window_ratio=0.2"),
+        (lambda: CSP(cross_ratio=1.2), "cross_ratio=1.2"),
+        (lambda: CSP(n=-1.0), "n must be"),
+        (lambda: CSP(sink_tokens=-1), "sink_tokens"),
+        (lambda: CSP(faithful=True, sink_tokens=4), "no sink tokens"),
+        (lambda: CSP(budget=True), "budget=True"),
+        (lambda: SnapKV(kernel_size=4), "kernel_size"),
+        (lambda: H2O(budget=2), "budget=2"),
+        (lambda: csp_inductor.make_policy("pyramidkv"), "unknown policy 'pyramidkv'"),
+        (lambda: csp_inductor.make_policy("csp", hh=0.1), "no option"),
+    ],
+)
+def test_config_errors_name_field_and_value(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_select_input_errors():
+    p = random_prompt(2, 4, 2, 40, 8)
+    with pytest.raises(ValueError, match="is_image must be a bool tensor"):
+        CSP().select(p.q, p.k, p.is_image[:, :-1])
+    right = torch.zeros(2, 40, dtype=torch.bool)
+    right[0, -3:] = True
+    with pytest.raises(ValueError, match="left padding"):
+        CSP().select(p.q, p.k, p.is_image, right)
+    with pytest.raises(ValueError, match="same seq"):
+        CSP().select(p.q[:, :, :-1], p.k, p.is_image)
+
+
+def test_make_policy_builds_every_policy():
+    for name, cls in csp_inductor.POLICIES.items():
+        assert isinstance(csp_inductor.make_policy(name), cls)
+    assert csp_inductor.make_policy("snapkv", budget=0.1, window_ratio=0.05).budget == 0.1

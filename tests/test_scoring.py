@@ -1,0 +1,192 @@
+"""The n-softmax and the decomposed scores against the fp64 reference and the authors' code."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import csp_inductor
+from csp_inductor import reference
+from csp_inductor.testing import LAYOUTS, authors_softmax_n, random_prompt
+
+EXTREME_ROWS = [
+    [0.0, 0.0, 0.0],
+    [1000.0, -1000.0, 5.0],
+    [-1000.0, -1000.0, -1000.0],
+    [88.0, 89.0, 90.0],
+    [-math.inf, 3.0, 2.0],
+    [1e-30, -1e-30, 0.0],
+]
+
+
+@pytest.mark.parametrize("n", [0.0, 1.0, 3.0, 1e6])
+def test_n_softmax_matches_the_authors_softmax_n(n):
+    softmax_n = authors_softmax_n()
+    x = torch.tensor(EXTREME_ROWS, dtype=torch.float64)
+    ours = csp_inductor.n_softmax(x, n=n)
+    theirs = softmax_n(x, n=n)
+    ok = theirs.isfinite()
+    torch.testing.assert_close(ours[ok], theirs[ok], rtol=1e-12, atol=1e-300)
+    # theirs computes n·exp(-max) = 0·inf = NaN for n = 0 on very negative rows; ours is the
+    # softmax there, which is the limit of softmax_n as n -> 0
+    if not ok.all():
+        assert n == 0.0
+        torch.testing.assert_close(ours[~ok], torch.softmax(x, -1)[~ok])
+
+
+def test_n_softmax_reduces_to_softmax_and_sums_below_one():
+    x = torch.randn(5, 33, dtype=torch.float64) * 10
+    torch.testing.assert_close(csp_inductor.n_softmax(x, n=0.0), torch.softmax(x, -1))
+    total = csp_inductor.n_softmax(x, n=1.0).sum(-1)
+    expected = 1 / (1 + torch.exp(-torch.logsumexp(x, -1)))
+    torch.testing.assert_close(total, expected)
+
+
+def test_n_softmax_dim_dtype_and_masked_rows():
+    x = torch.randn(4, 7, 5).to(torch.bfloat16)
+    out = csp_inductor.n_softmax(x, n=1.0, dim=1)
+    assert out.dtype == torch.bfloat16
+    ref = reference.n_softmax(x.double(), n=1.0, dim=1)
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+    masked = torch.full((2, 3), -math.inf)
+    assert torch.equal(csp_inductor.n_softmax(masked, n=1.0), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("n", [-1.0, math.inf, math.nan])
+def test_n_softmax_rejects_bad_n(n):
+    with pytest.raises(ValueError, match="n must be"):
+        csp_inductor.n_softmax(torch.zeros(3), n=n)
+
+
+@st.composite
+def scoring_cases(draw):
+    seq = draw(st.integers(2, 70))
+    batch = draw(st.integers(1, 3))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 4]))
+    pads = draw(st.lists(st.integers(0, seq - 1), min_size=batch, max_size=batch))
+    return dict(
+        batch=batch,
+        q_heads=kv_heads * group,
+        kv_heads=kv_heads,
+        seq=seq,
+        head_dim=draw(st.sampled_from([3, 8, 17, 32])),
+        pads=pads if draw(st.booleans()) else None,
+        layout=draw(st.sampled_from(LAYOUTS)),
+        window=draw(st.integers(1, seq)),
+        n=draw(st.sampled_from([0.0, 1.0, 3.0])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        seed=draw(st.integers(0, 2**16)),
+        masked_rows=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=scoring_cases())
+def test_fast_scoring_equals_fp64_reference(case):
+    window, n, masked_rows = case.pop("window"), case.pop("n"), case.pop("masked_rows")
+    p = random_prompt(**case)
+    q_window = p.q[:, :, -window:]
+    window_mask = None
+    if masked_rows:
+        window_mask = torch.arange(window) >= torch.arange(p.q.shape[0])[:, None]
+    kwargs = dict(n=n, key_padding=p.key_padding, window_mask=window_mask)
+    ours = csp_inductor.decomposed_scores(q_window, p.k, p.is_image, **kwargs)
+    # the reference sees the very same (possibly bf16-rounded) values, in fp64
+    ref = reference.decomposed_scores(q_window.double(), p.k.double(), p.is_image, **kwargs)
+    assert ours.dtype == torch.float32
+    assert ours.shape == (p.k.shape[0], p.k.shape[1], 2, p.k.shape[2])
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    if p.key_padding is not None:
+        assert not ours.masked_select(p.key_padding[:, None, None, :]).any()
+
+
+def test_chunking_does_not_change_the_result():
+    p = random_prompt(2, 4, 2, 97, 16, pads=[0, 11], layout="mixed")
+    args = (p.q[:, :, -31:], p.k, p.is_image, 1.0, 0.25, p.key_padding, None)
+    whole = csp_inductor.scoring.decomposed_scores_torch(*args)
+    chunked = csp_inductor.scoring.decomposed_scores_torch(*args, chunk_elements=97 * 8 * 3)
+    torch.testing.assert_close(whole, chunked)
+
+
+def test_self_plus_cross_is_the_total_column_sum():
+    p = random_prompt(1, 4, 4, 50, 8, layout="blocks")
+    s = csp_inductor.decomposed_scores(p.q[:, :, -10:], p.k, p.is_image, n=0.0)
+    total = reference.column_softmax_sums(p.q[:, :, -10:].double(), p.k.double())
+    torch.testing.assert_close(s.sum(2).double(), total, rtol=1e-5, atol=1e-6)
+
+
+def test_backends_agree():
+    p = random_prompt(2, 4, 2, 40, 8, pads=[3, 0], layout="mixed")
+    args = (p.q[:, :, -9:], p.k, p.is_image)
+    kw = dict(n=1.0, key_padding=p.key_padding)
+    ref = csp_inductor.decomposed_scores(*args, backend="reference", **kw)
+    for backend in ("auto", "torch"):
+        out = csp_inductor.decomposed_scores(*args, backend=backend, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_and_fullgraph_compile():
+    p = random_prompt(2, 4, 2, 33, 8, pads=[0, 5], layout="mixed")
+    args = (p.q[:, :, -7:], p.k, p.is_image, 1.0, 8**-0.5, p.key_padding, None)
+    torch.library.opcheck(torch.ops.csp_inductor.decomposed_scores.default, args)
+    torch.library.opcheck(torch.ops.csp_inductor.n_softmax.default, (p.q, 1.0, -1))
+    compiled = torch.compile(csp_inductor.decomposed_scores, fullgraph=True)
+    out = compiled(p.q[:, :, -7:], p.k, p.is_image, key_padding=p.key_padding)
+    eager = csp_inductor.decomposed_scores(
+        p.q[:, :, -7:], p.k, p.is_image, key_padding=p.key_padding
+    )
+    torch.testing.assert_close(out, eager)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(is_image=torch.zeros(2, 5, dtype=torch.bool)), "is_image must be"),
+        (dict(key_padding=torch.zeros(2, 33)), "key_padding must be"),
+        (dict(window_mask=torch.ones(2, 3, dtype=torch.bool)), "window_mask must be"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(n=-0.5), "n must be"),
+    ],
+)
+def test_scoring_input_errors(kwargs, match):
+    p = random_prompt(2, 4, 2, 33, 8)
+    args = dict(q_window=p.q[:, :, -7:], k=p.k, is_image=p.is_image) | kwargs
+    with pytest.raises(ValueError, match=match):
+        csp_inductor.decomposed_scores(**args)
+
+
+def test_grouped_heads_must_divide():
+    q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        csp_inductor.decomposed_scores(q, k, torch.zeros(1, 10, dtype=torch.bool))
+
+
+def test_extra_memory_at_16k_is_far_below_a_dense_score_matrix():
+    """Peak RSS growth of one scoring call at L = 16384, 8 query heads, W = 1638, measured in a
+    fresh process (inputs allocated and touched before the baseline is read)."""
+    script = textwrap.dedent(
+        """
+        import resource, torch, csp_inductor
+        torch.manual_seed(0)
+        L, W = 16384, 1638
+        q = torch.randn(1, 8, W, 128); k = torch.randn(1, 2, L, 128)
+        img = torch.rand(1, L) < 0.8
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        csp_inductor.decomposed_scores(q, k, img)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) * 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    extra = int(out.stdout.split()[-1])
+    dense = 8 * 16384 * 16384 * 4  # one [H, L, L] fp32 tensor: 8 GiB
+    print(
+        f"scoring extra peak RSS at L=16384: {extra / 2**20:.1f} MiB vs dense {dense / 2**30} GiB"
+    )
+    assert extra < dense / 40
