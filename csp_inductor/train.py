@@ -1,0 +1,263 @@
+"""Train the built-in tiny LLaVA on VisualHaystack, from scratch, on CPU.
+
+    python -m csp_inductor.train --out csp_inductor/assets/tiny_llava --steps 3000
+
+Seeded and resumable: the batch of step ``s`` is a pure function of ``(--seed, s)``, and the
+model/optimizer state is checkpointed to ``--work-dir`` (outside the package) every
+``--save-every`` steps; rerunning the same command continues from there. A curriculum grows the
+number of images per prompt from 2 to ``--max-images`` over the first ``--ramp`` fraction of
+the steps, with a constant token budget per batch. At the end the model, tokenizer and
+generation config are written to ``--out`` and per-task greedy accuracy on the held-out split
+is printed (and saved as ``eval.json`` in the work dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import haystack as hs
+
+DEFAULT_WORK_DIR = Path("/tmp/csp_inductor_tiny_llava")
+
+
+def build_config(*, hidden: int = 128, layers: int = 4):
+    """The built-in model's ``LlavaConfig``: a 1-layer SigLIP-style tower (one patch per cell,
+    ``TOKENS_PER_IMAGE`` features per image, no CLS) and a Llama decoder with GQA (4 query heads,
+    2 KV heads)."""
+    from transformers import LlamaConfig, LlavaConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_channels=hs.NUM_CHANNELS,
+        image_size=hs.IMAGE_SIZE,
+        patch_size=hs.CELL,
+        vision_use_head=False,
+    )
+    text = LlamaConfig(
+        vocab_size=len(hs.VOCAB),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        pad_token_id=hs.PAD_TOKEN_ID,
+        bos_token_id=hs.BOS_TOKEN_ID,
+        eos_token_id=hs.EOS_TOKEN_ID,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=hs.IMAGE_TOKEN_ID,
+        image_seq_length=hs.TOKENS_PER_IMAGE,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+
+
+def curriculum_images(step: int, steps: int, ramp: float, max_images: int) -> int:
+    """Largest number of images allowed at ``step``: 2 at the start, ``max_images`` after the
+    first ``ramp`` fraction of training."""
+    frac = min(1.0, step / max(1.0, ramp * steps))
+    return round(2 + (max_images - 2) * frac)
+
+
+def batch_for_step(step: int, args) -> list[hs.Sample]:
+    """The (deterministic) training batch of ``step``: one image count per batch, as many
+    samples as fit the token budget, tasks cycling."""
+    rng = random.Random(f"{args.seed}/{step}")
+    hi = curriculum_images(step, args.steps, args.ramp, args.max_images)
+    # bias towards the current frontier so long prompts get enough steps
+    k = max(2, hi - int(rng.random() ** 2 * (hi - 1)))
+    approx_len = k * (hs.TOKENS_PER_IMAGE + 2) + 20
+    n = max(1, min(64, args.batch_tokens // approx_len))
+    offset = rng.randrange(len(hs.TASKS))
+    seeds = [rng.getrandbits(62) for _ in range(n)]
+    return [
+        hs.make_sample(hs.TASKS[(offset + i) % len(hs.TASKS)], s, num_images=k)
+        for i, s in enumerate(seeds)
+    ]
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on answer + ``<eos>`` tokens; returns ``(loss, per-sample all-correct)``."""
+    labels = batch["labels"]
+    keep = int((labels != -100).sum(-1).max()) + 1
+    mask = batch["attention_mask"]
+    out = model(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=keep,
+    )
+    logits = out.logits[:, :-1].float()
+    target = labels[:, -(keep - 1) :]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    right = (logits.argmax(-1) == target) | (target == -100)
+    return loss, right.all(-1)
+
+
+@torch.no_grad()
+def evaluate(model, samples, *, batch_size: int = 8, max_new_tokens: int = 3):
+    """Greedy full-cache accuracy per task: ``{task: accuracy}`` plus ``"all"``."""
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    ordered = sorted(samples, key=lambda s: len(s.input_ids))
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i : i + batch_size]
+        batch = hs.collate(chunk)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=hs.PAD_TOKEN_ID,
+            eos_token_id=hs.EOS_TOKEN_ID,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
+        for s, ids in zip(chunk, new, strict=True):
+            hits.setdefault(s.task, []).append(hs.score(ids, s))
+    acc = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    acc["all"] = sum(sum(v) for v in hits.values()) / max(1, len(samples))
+    return acc
+
+
+def save_pretrained(model, out: Path) -> None:
+    """Write model (safetensors), tokenizer and generation config to ``out``."""
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=hs.BOS_TOKEN_ID,
+        eos_token_id=hs.EOS_TOKEN_ID,
+        pad_token_id=hs.PAD_TOKEN_ID,
+        do_sample=False,
+        max_new_tokens=3,
+    )
+    model.save_pretrained(out)
+    hs.build_tokenizer().save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "tiny_llava")
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-tokens", type=int, default=2048, help="prompt tokens per batch")
+    p.add_argument("--max-images", type=int, default=40)
+    p.add_argument("--ramp", type=float, default=0.6, help="fraction of steps to reach max")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (others share the CPU)")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=400, help="held-out samples at the end")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    args = p.parse_args(argv)
+
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    state_path = args.work_dir / "state.pt"
+
+    config = build_config(hidden=args.hidden, layers=args.layers)
+    model = LlavaForConditionalGeneration(config)
+    model.config.use_cache = True
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    start, elapsed = 0, 0.0
+    if state_path.exists() and not args.fresh:
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming from {state_path} at step {start} ({elapsed / 60:.1f} min so far)")
+
+    def checkpoint(step: int) -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "torch_rng": torch.get_rng_state(),
+                "args": vars(args),
+            },
+            tmp,
+        )
+        tmp.replace(state_path)
+
+    model.train()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, dynamic_ncols=True)
+    ema_loss, ema_acc = None, None
+    t0 = time.perf_counter()
+    for step in bar:
+        samples = batch_for_step(step, args)
+        batch = hs.collate(samples, with_answers=True)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss, right = answer_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc = right.float().mean().item()
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        bar.set_postfix(imgs=samples[0].num_images, loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            elapsed += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            checkpoint(step + 1)
+    elapsed += time.perf_counter() - t0
+    bar.close()
+    print(f"training time: {elapsed / 60:.1f} min ({args.threads} thread(s))")
+
+    save_pretrained(model, args.out)
+    size = (args.out / "model.safetensors").stat().st_size / 2**20
+    print(f"saved to {args.out} ({size:.1f} MiB)")
+
+    t_eval = time.perf_counter()
+    test = hs.make_split("test", args.eval_n, seed=0)
+    acc = evaluate(model, test)
+    report = {
+        "accuracy": acc,
+        "eval_n": args.eval_n,
+        "train_minutes": elapsed / 60,
+        "eval_seconds": time.perf_counter() - t_eval,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "model_mib": size,
+    }
+    print(json.dumps(report["accuracy"], indent=2))
+    (args.work_dir / "eval.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
