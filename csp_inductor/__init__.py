@@ -6,6 +6,8 @@ only changed by :func:`compile`, and the change can be undone.
 
 from . import ops as _ops  # noqa: F401  (registers csp_inductor::* ops)
 from .budget import Budget, split_budget
+from .cache import PrunedCache
+from .compile import compile, restore
 from .policies import (
     CSP,
     H2O,
@@ -33,12 +35,15 @@ __all__ = [
     "KNorm",
     "LookM",
     "Policy",
+    "PrunedCache",
     "RandomKeep",
     "ScoredPolicy",
     "SnapKV",
     "StreamingLLM",
+    "compile",
     "decomposed_scores",
     "make_policy",
     "n_softmax",
+    "restore",
     "split_budget",
 ]

@@ -7,6 +7,8 @@ neither Triton nor CUDA: the CUDA implementations import the kernels when first 
 - ``csp_inductor::decomposed_scores(q_window, k, is_image, n, scale, key_padding?, window_mask?)``
   -> (batch, kv_heads, 2, seq) fp32
 - ``csp_inductor::n_softmax(x, n, dim)`` -> like ``x``
+- ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
+  positions_out!, policy, scale)``: prefill selection + compaction into the cache buffers
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .policies import Policy
 from .scoring import decomposed_scores_torch, n_softmax_torch
 
 
@@ -58,3 +61,56 @@ def _(x, n, dim):
     from .kernels.n_softmax import n_softmax_triton
 
     return n_softmax_triton(x, n, dim)
+
+
+# --- prefill compaction ----------------------------------------------------------------------
+# Policies are Python objects; the op refers to them by a registry id (a constant in the graph).
+_POLICY_IDS: dict[Policy, int] = {}
+_POLICIES: list[Policy] = []
+
+
+def policy_id(policy: Policy) -> int:
+    """A stable small int naming ``policy`` inside compiled graphs."""
+    if policy not in _POLICY_IDS:
+        _POLICY_IDS[policy] = len(_POLICIES)
+        _POLICIES.append(policy)
+    return _POLICY_IDS[policy]
+
+
+@torch.library.custom_op(
+    "csp_inductor::compact_", mutates_args=("keys_out", "values_out", "positions_out")
+)
+def compact_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    is_image: Tensor,
+    key_padding: Tensor | None,
+    keys_out: Tensor,
+    values_out: Tensor,
+    positions_out: Tensor,
+    policy: int,
+    scale: float,
+) -> None:
+    """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
+
+    query (b, hq, L, d), key/value (b, hkv, L, d) -> keys_out/values_out[:, :, :K]
+    (b, hkv, capacity, d) and positions_out[:, :, :K] (absolute positions, -1 = unused).
+    """
+    idx = _POLICIES[policy].select(query, key, is_image, key_padding, scale=scale)
+    width = idx.shape[-1]
+    if width > keys_out.shape[2]:
+        raise RuntimeError(
+            f"kept {width} tokens but the cache has room for {keys_out.shape[2]}: the cache was "
+            "allocated for a different policy or prompt"
+        )
+    valid = (idx >= 0)[..., None]
+    safe = idx.clamp_min(0)[..., None]
+    keys_out[:, :, :width] = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid
+    values_out[:, :, :width] = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid
+    positions_out[:, :, :width] = idx
+
+
+@compact_op.register_fake
+def _(query, key, value, is_image, key_padding, keys_out, values_out, positions_out, policy, scale):
+    return None

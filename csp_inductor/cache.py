@@ -1,0 +1,158 @@
+"""The pruned KV cache: each layer's kept prompt tokens, compacted, in static buffers.
+
+Per layer the cache holds ``keys``/``values`` of shape (batch, kv_heads, capacity, head_dim)
+and ``positions`` (batch, kv_heads, capacity) with the absolute (padded-prompt) position of
+every stored token, where ``capacity = max kept prompt tokens + decode capacity``. The first
+``lengths[b]`` slots of row ``b`` are valid; the rest are never attended to. All layers share
+``lengths`` (every policy keeps the same count in every layer) and ``seen`` (the logical
+number of tokens processed, i.e. the unpruned length, so new tokens get absolute positions).
+
+Phases. ``phase == "prefill"`` while the prompt goes through the decoder: :meth:`update`
+returns the prompt's own K/V (the prefill attention is not pruned), and the attention backend
+writes the kept tokens into the buffers with the ``csp_inductor::compact_`` op. Afterwards
+``phase == "decode"``: :meth:`update` writes the new tokens at ``lengths`` in place and returns
+the buffers. ``lengths``/``seen`` advance in :meth:`advance`, outside the compiled graph, once
+per forward; being tensors updated in place, they never cause a recompilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape of one decoder layer's cache: ``sliding_window`` None = global attention."""
+
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+
+
+class PrunedLayer(CacheLayerMixin):
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cache: PrunedCache, index: int, spec: LayerSpec):
+        super().__init__()
+        self.cache, self.index, self.spec = cache, index, spec
+        self.sliding_window = spec.sliding_window
+        self.keys = self.values = self.positions = None
+
+    def allocate(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, self.spec.kv_heads, capacity, self.spec.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.full(shape[:3], -1, dtype=torch.long, device=device)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        raise RuntimeError("a PrunedCache is allocated by its backend before the prefill")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if self.cache.phase == "prefill":
+            return key_states, value_states
+        return self.cache.write_decode(self, key_states, value_states)
+
+    def get_seq_length(self) -> Tensor:
+        return self.cache.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def reset(self) -> None:
+        for t in (self.keys, self.values):
+            if t is not None:
+                t.zero_()
+        if self.positions is not None:
+            self.positions.fill_(-1)
+
+
+class PrunedCache(Cache):
+    """A transformers ``Cache`` holding pruned, compacted K/V (see the module docstring).
+
+    Built by the backend (``csp_inductor.compile``): ``model.generate`` gets one automatically;
+    for a plain forward pass create it with ``backend.new_cache(...)``.
+    """
+
+    is_compileable = True
+
+    def __init__(self, specs: list[LayerSpec], decode_capacity: int):
+        super().__init__(layers=[])
+        self.layers = [PrunedLayer(self, i, s) for i, s in enumerate(specs)]
+        self.decode_capacity = int(decode_capacity)
+        self.phase = "empty"
+        self.lengths: Tensor | None = None  # (batch,) valid slots per row
+        self.seen = torch.zeros((), dtype=torch.long)  # logical (unpruned) tokens processed
+        self.kept_prompt: list[int] = []  # kept prompt tokens per row, for reports
+
+    # --- lifecycle, driven by the backend outside the compiled graph -----------------------
+    def start_prefill(self, kept: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room."""
+        if self.phase != "empty":
+            raise RuntimeError(
+                "this PrunedCache already holds a prompt; create a new cache per prompt"
+            )
+        capacity = max(kept) + self.decode_capacity
+        for layer in self.layers:
+            layer.allocate(len(kept), capacity, dtype, device)
+        self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
+        self.seen = self.seen.to(device)
+        self.kept_prompt = list(kept)
+        self.phase = "prefill"
+
+    def advance(self, new_tokens: int, prompt: bool) -> None:
+        """After a forward of ``new_tokens`` tokens: move the lengths and the logical length."""
+        if not prompt:
+            self.lengths.add_(new_tokens)
+        self.seen.add_(new_tokens)
+        self.phase = "decode"
+
+    def room(self) -> int:
+        """How many more tokens fit in the decode capacity (the tightest row)."""
+        return self.layers[0].keys.shape[2] - int(self.lengths.max())
+
+    def grow(self, extra: int) -> None:
+        """Enlarge the decode capacity by ``extra`` slots (copies the buffers; rare)."""
+        for layer in self.layers:
+            pad = (0, 0, 0, extra)
+            layer.keys = torch.nn.functional.pad(layer.keys, pad)
+            layer.values = torch.nn.functional.pad(layer.values, pad)
+            layer.positions = torch.nn.functional.pad(layer.positions, (0, extra), value=-1)
+
+    # --- inside the compiled graph -----------------------------------------------------------
+    def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):
+        """Write ``t`` new tokens at slots ``lengths[b] + [0, t)``; return the whole buffers."""
+        b, h, t, d = key_states.shape
+        slots = self.lengths[:, None] + torch.arange(t, device=key_states.device)  # (b, t)
+        index = slots[:, None, :, None].expand(b, h, t, d)
+        layer.keys.scatter_(2, index, key_states)
+        layer.values.scatter_(2, index, value_states)
+        pos = (self.seen + torch.arange(t, device=key_states.device)).expand(b, h, t)
+        layer.positions.scatter_(2, slots[:, None, :].expand(b, h, t), pos)
+        return layer.keys, layer.values
+
+    # --- reports -------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by the K/V buffers of all layers (positions not included)."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+    def kv_bytes_per_token(self) -> int:
+        """K+V bytes of one token summed over layers and KV heads."""
+        return sum(
+            2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
+            for layer in self.layers
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> Tensor:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)

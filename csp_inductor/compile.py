@@ -1,0 +1,237 @@
+"""``csp_inductor.compile(model)``: route a transformers (VL)M's decoder through the backend.
+
+What it changes, all undone by :func:`restore`:
+
+1. registers the ``"csp_inductor"`` attention function with transformers and selects it for
+   the language model only (the vision tower keeps its own attention);
+2. adds a forward pre/post hook pair on the model: before a forward it computes the prompt's
+   modality and padding, gives the forward a :class:`~csp_inductor.cache.PrunedCache` when it
+   has none, and allocates the cache for the policy's kept count; after it, it advances the
+   cache's lengths (outside the compiled graph);
+3. wraps ``generate`` so the cache's decode capacity matches ``max_new_tokens``;
+4. compiles the decoder's forward with ``torch.compile(fullgraph=True, dynamic=True)``: one
+   graph for the prefill (attention + scoring + selection + compaction, the last three inside
+   the ``csp_inductor::compact_`` op) and one for decode steps, for any prompt length.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+from .attention import choose_kernel, decode_block_mask
+from .cache import LayerSpec, PrunedCache
+from .integration import (
+    Adapter,
+    adapter_for,
+    csp_attention,
+    find_decoder,
+    image_token_ids,
+    modality,
+)
+from .ops import policy_id
+from .policies import CSP, Policy
+
+ATTN_NAME = "csp_inductor"
+DEFAULT_DECODE_CAPACITY = 256
+
+
+class Backend:
+    """The per-model state shared by the hooks, the attention function and the cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        *,
+        kernel: str = "auto",
+        decode_capacity: int = DEFAULT_DECODE_CAPACITY,
+        compile: bool = True,
+        dynamic: bool = True,
+    ):
+        if not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be a csp_inductor Policy (CSP(), SnapKV(budget=0.2), ...), got "
+                f"{type(policy).__name__}"
+            )
+        if not isinstance(decode_capacity, int) or decode_capacity < 1:
+            raise ValueError(
+                f"decode_capacity must be an int >= 1, got decode_capacity={decode_capacity!r}"
+            )
+        self.model = model
+        self.adapter: Adapter = adapter_for(model)
+        self.decoder = find_decoder(model, self.adapter)
+        self.token_ids = image_token_ids(model, self.adapter)
+        self.policy = policy
+        self.policy_id = policy_id(policy)
+        device = next(self.decoder.parameters()).device
+        self.kernel = choose_kernel(kernel, device)
+        self.decode_capacity = decode_capacity
+        self.compile, self.dynamic = compile, dynamic
+        self.cache: PrunedCache | None = None
+        self.is_image: torch.Tensor | None = None
+        self.key_padding: torch.Tensor | None = None
+        self.block_masks: dict[int | None, object] = {}
+        self._undo: list = []
+
+    # --- set-up and undo --------------------------------------------------------------------
+    def install(self) -> None:
+        model = self.model
+        AttentionInterface.register(ATTN_NAME, csp_attention)
+        previous = _attn_implementations(model)
+        target = {"text_config": ATTN_NAME} if self.adapter.multimodal else ATTN_NAME
+        model.set_attn_implementation(target)
+        self._undo.append(lambda: model.set_attn_implementation(previous))
+        for layer in self.decoder.layers:
+            layer.self_attn.csp_backend = self
+            self._undo.append(functools.partial(delattr, layer.self_attn, "csp_backend"))
+        pre = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        post = model.register_forward_hook(self._after_forward, with_kwargs=True)
+        self._undo += [pre.remove, post.remove]
+        model.generate = functools.wraps(model.generate)(self._generate(model.generate))
+        self._undo.append(functools.partial(delattr, model, "generate"))
+        if self.compile:
+            decoder = self.decoder
+            decoder.forward = torch.compile(decoder.forward, fullgraph=True, dynamic=self.dynamic)
+            self._undo.append(functools.partial(delattr, decoder, "forward"))
+        model.csp_backend = self
+        self._undo.append(functools.partial(delattr, model, "csp_backend"))
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    # --- caches -------------------------------------------------------------------------------
+    def layer_specs(self) -> list[LayerSpec]:
+        specs = []
+        for layer in self.decoder.layers:
+            attn = layer.self_attn
+            cfg = attn.config
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            specs.append(LayerSpec(kv_heads, head_dim, getattr(attn, "sliding_window", None)))
+        return specs
+
+    def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
+        """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
+        return PrunedCache(self.layer_specs(), decode_capacity or self.decode_capacity)
+
+    def _generate(self, generate):
+        def wrapped(*args, **kwargs):
+            if kwargs.get("past_key_values") is None:
+                config = kwargs.get("generation_config") or self.model.generation_config
+                new = kwargs.get("max_new_tokens") or config.max_new_tokens
+                kwargs["past_key_values"] = self.new_cache(new or self.decode_capacity)
+            return generate(*args, **kwargs)
+
+        return wrapped
+
+    # --- hooks (eager, outside the compiled decoder) ------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        kwargs = dict(kwargs)
+        names = list(inspect.signature(module.forward).parameters)
+        for name, value in zip(names, args, strict=False):
+            kwargs.setdefault(name, value)
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        q_len = (ids if ids is not None else embeds).shape[1]
+        cache = kwargs.get("past_key_values")
+        if kwargs.get("use_cache") is False:
+            cache = None
+        elif not isinstance(cache, PrunedCache):
+            if isinstance(cache, Cache) and int(cache.get_seq_length()) > 0:
+                raise TypeError(
+                    f"csp_inductor cannot continue a non-empty {type(cache).__name__}; pass a "
+                    "PrunedCache (backend.new_cache()) or none"
+                )
+            cache = self.new_cache()
+            kwargs["past_key_values"] = cache
+        mask = kwargs.get("attention_mask")
+        if cache is None or cache.phase == "empty":
+            self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, q_len, cache)
+        elif cache.room() < q_len:
+            cache.grow(max(q_len, self.decode_capacity))
+            self.block_masks.clear()
+        self.cache = cache
+        if cache is not None and cache.phase == "decode" and self.kernel == "flex":
+            self._build_block_masks(cache, q_len)
+        return (), kwargs
+
+    def _prepare_prompt(self, ids, token_types, mask, q_len, cache) -> None:
+        is_image = modality(self.adapter, self.token_ids, ids, token_types)
+        if is_image is None:
+            if self.adapter.multimodal:
+                raise ValueError(
+                    "csp_inductor needs input_ids (or mm_token_type_ids) at prefill to know "
+                    "which prompt tokens are visual; got inputs_embeds only"
+                )
+            is_image = torch.zeros(1, q_len, dtype=torch.bool)
+        padding = None
+        if mask is not None and mask.dim() == 2 and not bool(mask[:, -q_len:].all()):
+            padding = ~mask[:, -q_len:].bool()
+        batch = is_image.shape[0]
+        self.is_image = is_image.expand(batch, q_len)
+        self.key_padding = padding
+        self.block_masks.clear()
+        if cache is None:
+            return
+        pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
+        kept = [self.policy.budget_for(q_len - p).kept for p in pads]
+        param = next(self.decoder.parameters())
+        cache.start_prefill(kept, param.dtype, param.device)
+
+    def _build_block_masks(self, cache: PrunedCache, q_len: int) -> None:
+        if self.block_masks:
+            return
+        q_heads = self.decoder.config.num_attention_heads
+        for i, layer in enumerate(cache.layers):
+            window = layer.spec.sliding_window
+            key = i if window else None
+            if key not in self.block_masks:
+                self.block_masks[key] = decode_block_mask(
+                    cache.lengths, layer.positions, cache.seen, window, q_heads, q_len
+                )
+
+    def _after_forward(self, module, args, kwargs, output):
+        cache = self.cache
+        if cache is not None:
+            ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+            q_len = (ids if ids is not None else embeds).shape[1]
+            cache.advance(q_len, prompt=cache.phase == "prefill")
+        return output
+
+
+def _attn_implementations(model: nn.Module) -> dict | str:
+    config = model.config
+    subs = getattr(config, "sub_configs", {}) or {}
+    if not subs:
+        return config._attn_implementation
+    return {name: getattr(config, name)._attn_implementation for name in subs}
+
+
+def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Module:
+    """Make ``model`` prune its KV cache with ``policy`` (default ``CSP()``) and compile it.
+
+    Options: ``kernel`` ("auto" | "sdpa" | "flex"), ``decode_capacity`` (cache room for new
+    tokens when not generating through ``generate``), ``compile`` (False = eager, for
+    debugging), ``dynamic`` (symbolic prompt lengths, default True). Returns the same model,
+    changed in place; :func:`restore` undoes it. The backend is ``model.csp_backend``.
+    """
+    if getattr(model, "csp_backend", None) is not None:
+        raise ValueError("this model is already compiled by csp_inductor; restore(model) first")
+    backend = Backend(model, CSP() if policy is None else policy, **options)
+    backend.install()
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`compile`: the original attention, no hooks, no compiled decoder."""
+    backend = getattr(model, "csp_backend", None)
+    if backend is None:
+        raise ValueError("this model was not compiled by csp_inductor")
+    backend.uninstall()
+    return model
