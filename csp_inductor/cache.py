@@ -84,8 +84,9 @@ class PrunedCache(Cache):
 
     is_compileable = True
 
-    def __init__(self, specs: list[LayerSpec], decode_capacity: int):
+    def __init__(self, specs: list[LayerSpec], decode_capacity: int, align: int = 1):
         super().__init__(layers=[])
+        self.align = align  # capacity rounded up to a multiple of this
         self.layers = [PrunedLayer(self, i, s) for i, s in enumerate(specs)]
         self.decode_capacity = int(decode_capacity)
         self.phase = "empty"
@@ -100,7 +101,7 @@ class PrunedCache(Cache):
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
             )
-        capacity = max(kept) + self.decode_capacity
+        capacity = -(-(max(kept) + self.decode_capacity) // self.align) * self.align
         for layer in self.layers:
             layer.allocate(len(kept), capacity, dtype, device)
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)

@@ -24,13 +24,14 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
-from .attention import choose_kernel, decode_block_mask
+from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask
 from .cache import LayerSpec, PrunedCache
 from .integration import (
     Adapter,
     adapter_for,
     csp_attention,
     find_decoder,
+    image_blocks,
     image_token_ids,
     modality,
 )
@@ -76,7 +77,10 @@ class Backend:
         self.cache: PrunedCache | None = None
         self.is_image: torch.Tensor | None = None
         self.key_padding: torch.Tensor | None = None
+        self.image_blocks: torch.Tensor | None = None  # bidirectional images (prefill)
         self.block_masks: dict[int | None, object] = {}
+        # the 2D attention mask generate had for its next forward (None = no padding)
+        self.from_generate, self.prompt_mask = False, None
         self._undo: list = []
 
     # --- set-up and undo --------------------------------------------------------------------
@@ -95,6 +99,11 @@ class Backend:
         self._undo += [pre.remove, post.remove]
         model.generate = functools.wraps(model.generate)(self._generate(model.generate))
         self._undo.append(functools.partial(delattr, model, "generate"))
+        prepare = model.prepare_inputs_for_generation
+        model.prepare_inputs_for_generation = functools.wraps(prepare)(
+            self._prepare_inputs(prepare)
+        )
+        self._undo.append(functools.partial(delattr, model, "prepare_inputs_for_generation"))
         if self.compile:
             decoder = self.decoder
             decoder.forward = torch.compile(decoder.forward, fullgraph=True, dynamic=self.dynamic)
@@ -119,7 +128,10 @@ class Backend:
 
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
         """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
-        return PrunedCache(self.layer_specs(), decode_capacity or self.decode_capacity)
+        # Compiled flex on CPU (torch 2.13) returns wrong results when the KV length is below
+        # one block and differs from the query length: flex buffers are whole blocks.
+        align = FLEX_BLOCK if self.kernel == "flex" else 1
+        return PrunedCache(self.layer_specs(), decode_capacity or self.decode_capacity, align)
 
     def _generate(self, generate):
         def wrapped(*args, **kwargs):
@@ -128,6 +140,17 @@ class Backend:
                 new = kwargs.get("max_new_tokens") or config.max_new_tokens
                 kwargs["past_key_values"] = self.new_cache(new or self.decode_capacity)
             return generate(*args, **kwargs)
+
+        return wrapped
+
+    def _prepare_inputs(self, prepare):
+        # For a compileable cache generate turns its 2D attention mask (None when all ones) into
+        # 4D or per-layer-type masks; the 2D one (the prompt's padding) is kept for the forward.
+        def wrapped(*args, **kwargs):
+            mask = kwargs.get("attention_mask")
+            self.from_generate = True
+            self.prompt_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            return prepare(*args, **kwargs)
 
         return wrapped
 
@@ -153,6 +176,9 @@ class Backend:
         mask = kwargs.get("attention_mask")
         if cache is None or cache.phase == "empty":
             self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, q_len, cache)
+            # like the model: images are bidirectional when it is given their token types
+            blocks = kwargs.get("token_type_ids") if self.adapter.bidirectional_images else None
+            self.image_blocks = None if blocks is None else image_blocks(blocks == 1)
         elif cache.room() < q_len:
             cache.grow(max(q_len, self.decode_capacity))
             self.block_masks.clear()
@@ -170,8 +196,16 @@ class Backend:
                     "which prompt tokens are visual; got inputs_embeds only"
                 )
             is_image = torch.zeros(1, q_len, dtype=torch.bool)
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            if mask is not None and not self.from_generate:
+                raise ValueError(
+                    "csp_inductor reads the prompt's padding from a 2D attention_mask (batch, "
+                    f"seq); got {type(mask).__name__}"
+                    f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
+                )
+            mask = self.prompt_mask
         padding = None
-        if mask is not None and mask.dim() == 2 and not bool(mask[:, -q_len:].all()):
+        if mask is not None and not bool(mask[:, -q_len:].all()):
             padding = ~mask[:, -q_len:].bool()
         batch = is_image.shape[0]
         self.is_image = is_image.expand(batch, q_len)
@@ -197,6 +231,7 @@ class Backend:
                 )
 
     def _after_forward(self, module, args, kwargs, output):
+        self.from_generate, self.prompt_mask = False, None
         cache = self.cache
         if cache is not None:
             ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")

@@ -1,0 +1,94 @@
+"""Prefill/decode attention: SDPA and FlexAttention paths against a dense fp64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from csp_inductor.attention import (
+    choose_kernel,
+    decode_attention,
+    decode_block_mask,
+    prefill_attention,
+)
+
+
+def dense(q, k, v, allowed, scale):
+    """q (b, hq, t, d), k/v (b, hkv, s, d), allowed (b, hq, t, s) -> (b, t, hq, d)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    logits = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, -math.inf)
+    return (torch.softmax(logits, -1) @ v).transpose(1, 2)
+
+
+@pytest.fixture(scope="module")
+def flex_prefill():
+    return torch.compile(prefill_attention, fullgraph=True, dynamic=False)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "pads", "window"),
+    [
+        ("sdpa", None, None),
+        ("sdpa", [0, 7], None),
+        ("sdpa", [3, 0], 5),
+        ("flex", None, None),
+        ("flex", [3, 0], 5),
+    ],
+)
+def test_prefill_matches_dense(kernel, pads, window, flex_prefill):
+    torch.manual_seed(0)
+    b, hq, hkv, seq, d = 2, 4, 2, 37, 16
+    q, k, v = (torch.randn(b, h, seq, d) for h in (hq, hkv, hkv))
+    pad = None if pads is None else torch.arange(seq)[None] < torch.tensor(pads)[:, None]
+    fn = flex_prefill if kernel == "flex" else prefill_attention
+    out = fn(q, k, v, scale=0.3, key_padding=pad, sliding_window=window, kernel=kernel)
+    i = torch.arange(seq)
+    allowed = (i[None] <= i[:, None]).expand(b, hq, seq, seq)
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None] < window)
+    if pad is not None:
+        allowed = allowed & ~pad[:, None, None, :]
+    want = dense(q.double(), k.double(), v.double(), allowed, 0.3)
+    real = slice(None) if pad is None else ~pad  # padding query rows are don't-care
+    torch.testing.assert_close(out[real].double(), want[real], atol=2e-5, rtol=1e-4)
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("window", [None, 60])
+def test_decode_sdpa_and_flex_match_dense(window):
+    torch.manual_seed(1)
+    # cap: a whole number of flex blocks, as the cache allocates for flex (see PrunedCache)
+    b, hq, hkv, cap, d = 2, 4, 2, 256, 16
+    q = torch.randn(b, hq, 1, d)
+    keys, values = torch.randn(b, hkv, cap, d), torch.randn(b, hkv, cap, d)
+    lengths = torch.tensor([11, 229])
+    positions = torch.sort(torch.randint(0, 300, (b, hkv, cap)), dim=-1).values
+    seen = torch.tensor(302)
+    positions[torch.arange(b), :, lengths] = seen  # the new token, written before attending
+    kw = dict(lengths=lengths, positions=positions, seen=seen, scale=0.25, sliding_window=window)
+    sdpa = decode_attention(q, keys, values, kernel="sdpa", **kw)
+    mask = decode_block_mask(lengths, positions, seen, window, q_heads=hq)
+    flex = torch.compile(decode_attention, fullgraph=True)(
+        q, keys, values, kernel="flex", block_mask=mask, **kw
+    )
+    slot = torch.arange(cap)
+    allowed = (slot[None, None, :] < lengths[:, None, None] + 1)[:, None]  # (b, 1, 1, cap)
+    allowed = allowed.expand(b, hkv, 1, cap)
+    if window is not None:
+        allowed = allowed & (seen - positions[:, :, None, :] < window)
+    allowed = allowed.repeat_interleave(hq // hkv, 1)
+    want = dense(q.double(), keys.double(), values.double(), allowed, 0.25)
+    torch.testing.assert_close(sdpa.double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(flex.double(), want, atol=2e-5, rtol=1e-4)
+    # lengths change in place: the same block mask stays valid
+    lengths += 3
+    again = decode_attention(q, keys, values, kernel="sdpa", **kw)
+    assert not torch.allclose(again, sdpa)
+
+
+def test_kernel_choice():
+    assert choose_kernel("auto", torch.device("cpu")) == "sdpa"
+    assert choose_kernel("auto", torch.device("cuda")) == "flex"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        choose_kernel("triton", torch.device("cpu"))
