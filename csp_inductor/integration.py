@@ -97,6 +97,14 @@ def modality(
     return is_image
 
 
+def image_blocks(is_image: Tensor) -> Tensor:
+    """(batch, seq) long: the index of the image (run of visual tokens) each token is in, -1
+    for text. Tokens of one image attend to each other when ``bidirectional_images``."""
+    previous = torch.nn.functional.pad(is_image, (1, 0), value=False)[:, :-1]
+    starts = is_image & ~previous
+    return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
+
+
 def csp_attention(
     module: nn.Module,
     query: Tensor,
@@ -119,13 +127,13 @@ def csp_attention(
     if cache is None or cache.phase == "prefill":
         out = prefill_attention(
             query, key, value, scale=scale, key_padding=backend.key_padding,
-            sliding_window=window, kernel=backend.kernel,
+            sliding_window=window, kernel=backend.kernel, image_blocks=backend.image_blocks,
         )  # fmt: skip
         if cache is not None:
             layer = cache.layers[module.layer_idx]
             torch.ops.csp_inductor.compact_(
                 query, key, value, backend.is_image, backend.key_padding,
-                layer.keys, layer.values, layer.positions, backend.policy_id, scale,
+                layer.keys, layer.values, layer.positions, cache.lengths, backend.policy_id, scale,
             )  # fmt: skip
         return out, None
     layer = cache.layers[module.layer_idx]

@@ -89,6 +89,7 @@ def compact_op(
     keys_out: Tensor,
     values_out: Tensor,
     positions_out: Tensor,
+    lengths: Tensor,
     policy: int,
     scale: float,
 ) -> None:
@@ -96,13 +97,15 @@ def compact_op(
 
     query (b, hq, L, d), key/value (b, hkv, L, d) -> keys_out/values_out[:, :, :K]
     (b, hkv, capacity, d) and positions_out[:, :, :K] (absolute positions, -1 = unused).
+    ``lengths`` (b,) is what the cache was allocated for; a different count is an error.
     """
     idx = _POLICIES[policy].select(query, key, is_image, key_padding, scale=scale)
     width = idx.shape[-1]
-    if width > keys_out.shape[2]:
+    counts = (idx >= 0).sum(dim=-1)
+    if not torch.equal(counts, lengths[:, None].expand_as(counts)):
         raise RuntimeError(
-            f"kept {width} tokens but the cache has room for {keys_out.shape[2]}: the cache was "
-            "allocated for a different policy or prompt"
+            f"the policy kept {counts[:, 0].tolist()} tokens per row but the cache was allocated "
+            f"for {lengths.tolist()}: Policy.budget_for disagrees with Policy.select"
         )
     valid = (idx >= 0)[..., None]
     safe = idx.clamp_min(0)[..., None]
@@ -112,5 +115,5 @@ def compact_op(
 
 
 @compact_op.register_fake
-def _(query, key, value, is_image, key_padding, keys_out, values_out, positions_out, policy, scale):
+def _(query, key, value, is_image, key_padding, keys_out, values_out, positions_out, lengths, *_):
     return None

@@ -281,7 +281,8 @@ class ScoredPolicy(Policy):
         _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
 
     def budget_for(self, length: int) -> Budget:
-        return split_budget(length, self.budget, self.window_ratio)
+        # one ranked quota: all of k is the "self" share
+        return split_budget(length, self.budget, self.window_ratio, cross_ratio=0.0)
 
     def score(self, prompt: Prompt) -> Tensor:
         """(batch, kv_heads, seq) float, higher = keep."""
@@ -372,7 +373,7 @@ class StreamingLLM(ScoredPolicy):
         base = super().budget_for(length)
         total = base.k + base.recent
         sinks = min(self.sink_tokens, total)
-        return Budget(length, sinks, base.window, total - sinks, sinks, 0, 0, base.keep_all)
+        return Budget(length, sinks, base.window, total - sinks, sinks, sinks, 0, base.keep_all)
 
     def score(self, prompt: Prompt) -> Tensor:
         pos = torch.arange(prompt.seq, 0, -1, device=prompt.k.device, dtype=torch.float32)

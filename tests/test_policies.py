@@ -56,6 +56,9 @@ def test_select_equals_reference(policy, pads, layout, seq):
     got = policy.select(p.q, p.k, p.is_image, p.key_padding)
     want = reference_select(policy, p.q, p.k, p.is_image, p.key_padding)
     assert torch.equal(got, want)
+    # the count the cache allocates for is the count selected
+    for b, pad in enumerate(pads or [0]):
+        assert (got[b] >= 0).sum(-1).tolist() == [policy.budget_for(seq - pad).kept] * 2
 
 
 def test_random_keep_equals_reference_and_is_deterministic():

@@ -1,0 +1,229 @@
+"""The backend on a tiny LLaVA: compaction = masking, one graph, memory, positions, errors."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import (
+    AttentionInterface,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+import csp_inductor
+from csp_inductor import CSP, H2O, Full, SnapKV
+
+IMAGE = 100
+PATCHES = 16  # (32 / 8) ** 2 image tokens per image
+
+
+def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE,
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )  # fmt: skip
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def prompt(texts: list[int], seed: int = 0) -> dict:
+    """Text runs of the given lengths with one image between consecutive runs."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for i, n in enumerate(texts):
+        if i:
+            parts.append(torch.full((PATCHES,), IMAGE))
+        parts.append(torch.randint(1, 90, (n,), generator=gen))
+    ids = torch.cat(parts)[None]
+    pixels = torch.randn(len(texts) - 1, 3, 32, 32, generator=gen)
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+
+
+def greedy(model, inputs, steps):
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+@pytest.fixture(scope="module")
+def compiled_csp():
+    """One compiled model shared by the tests that count graphs (first compile ≈ 20 s)."""
+    model = csp_inductor.compile(tiny_llava(), CSP())
+    yield model
+    csp_inductor.restore(model)
+
+
+def test_one_graph_no_recompiles_across_steps_and_prompt_lengths(compiled_csp):
+    counters.clear()
+    first = greedy(compiled_csp, prompt([20, 30, 40, 12], seed=1), steps=24)
+    second = greedy(compiled_csp, prompt([35, 9, 50, 20, 7], seed=2), steps=21)
+    assert first.shape[1] == 24 and second.shape[1] == 21
+    assert dict(counters["graph_break"]) == {}
+    # exactly two graphs for all of it: one prefill, one decode step
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_compiled_equals_eager_backend(compiled_csp):
+    inputs = prompt([25, 14, 33], seed=3)
+    compiled = greedy(compiled_csp, inputs, steps=10)
+    eager = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
+    assert torch.equal(compiled, greedy(eager, inputs, steps=10))
+
+
+def test_memory_is_really_saved(compiled_csp):
+    inputs = prompt([100, 100, 100, 97], seed=4)  # 445 prompt tokens
+    greedy(compiled_csp, inputs, steps=5)
+    cache = compiled_csp.csp_backend.cache
+    seq = inputs["input_ids"].shape[1]
+    kept = CSP().budget_for(seq).kept
+    assert cache.kept_prompt == [kept] and kept == 88  # 44 + 44 of 445 tokens (20%)
+    per_token = cache.kv_bytes_per_token()
+    assert per_token == 3 * 2 * 2 * 16 * 4  # layers x (K, V) x kv_heads x head_dim x fp32
+    assert cache.nbytes() == (kept + 5) * per_token  # kept + decode capacity, nothing else
+    full = seq * per_token
+    print(f"KV bytes: pruned {cache.nbytes()} vs full prompt {full} ({cache.nbytes() / full:.1%})")
+
+
+ORACLE = "csp_masked_oracle"
+
+
+def masked_oracle(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention over the full cache with every pruned prompt position masked out, per layer
+    and head: keep[layer] (batch, kv_heads, prompt_len) bool; decode tokens always visible."""
+    keep = module.csp_oracle_keep
+    b, hq, t, _ = query.shape
+    hkv, total = key.shape[1], key.shape[2]
+    allowed = torch.ones(b, hkv, total, dtype=torch.bool)
+    allowed[:, :, : keep.shape[-1]] = keep
+    allowed = allowed.repeat_interleave(hq // hkv, 1)[:, :, None, :]
+    if t > 1:  # prefill: plain causal
+        allowed = torch.ones(t, total, dtype=torch.bool).tril()[None, None]
+    group = hq // hkv
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    logits = (query @ k.transpose(-1, -2)) * scaling
+    out = torch.softmax(logits.masked_fill(~allowed, -math.inf), -1) @ v
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("policy", [CSP(), SnapKV(), H2O(budget=0.3)], ids=repr)
+def test_compaction_equals_masking(policy):
+    inputs = prompt([30, 25, 40, 10], seed=5)
+    steps = 6
+    model = csp_inductor.compile(tiny_llava(), policy, compile=False)
+    cache = model.csp_backend.new_cache(decode_capacity=steps)
+    ours, tokens = [], []
+    out = model(**inputs, past_key_values=cache)
+    mask = inputs["attention_mask"]
+    for _ in range(steps):
+        tok = out.logits[:, -1:].argmax(-1)
+        tokens.append(tok)
+        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache)
+        ours.append(out.logits[:, -1])
+    seq = inputs["input_ids"].shape[1]
+    kept = cache.kept_prompt[0]
+    csp_inductor.restore(model)
+    # the oracle: full cache, unpruned prefill, pruned positions masked at decode
+    AttentionInterface.register(ORACLE, masked_oracle)
+    model.set_attn_implementation({"text_config": ORACLE})
+    for layer, attn in zip(cache.layers, _attention_modules(model), strict=True):
+        pos = layer.positions[:, :, :kept]
+        attn.csp_oracle_keep = torch.zeros(1, pos.shape[1], seq, dtype=torch.bool).scatter_(
+            2, pos, True
+        )
+        # positions are absolute: the kept prompt slots hold their original positions
+        assert pos.min() >= 0 and pos.max() < seq
+        decoded = layer.positions[:, :, kept : kept + steps]
+        assert torch.equal(decoded[0, 0], torch.arange(seq, seq + steps))
+    out = model(**inputs)
+    cache_full = out.past_key_values
+    mask = inputs["attention_mask"]
+    for step, tok in enumerate(tokens):
+        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache_full)
+        torch.testing.assert_close(ours[step], out.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def _attention_modules(model):
+    return [layer.self_attn for layer in model.model.language_model.layers]
+
+
+def test_keep_all_is_exact_and_restore_undoes_everything():
+    model = tiny_llava()
+    inputs = prompt([30, 20, 11], seed=6)
+    reference = greedy(model, inputs, steps=8)
+    before = model.config.text_config._attn_implementation
+    for policy in (Full(), CSP(budget=1.0)):
+        csp_inductor.compile(model, policy, compile=False)
+        assert torch.equal(greedy(model, inputs, steps=8), reference)
+        csp_inductor.restore(model)
+    assert model.config.text_config._attn_implementation == before
+    assert not hasattr(model, "csp_backend")
+    assert torch.equal(greedy(model, inputs, steps=8), reference)
+
+
+def test_short_prompt_prunes_nothing():
+    model = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
+    ids = torch.randint(1, 90, (1, 9))  # W = int(0.9) = 0 scoring queries: keep everything
+    greedy(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), steps=2)
+    assert model.csp_backend.cache.kept_prompt == [9]
+
+
+def test_text_only_prompt_warns_and_scores_text():
+    model = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
+    ids = torch.randint(1, 90, (1, 120))
+    with pytest.warns(UserWarning, match="no image tokens"):
+        greedy(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), steps=2)
+    assert model.csp_backend.cache.kept_prompt == [24]
+
+
+def test_plain_llm_with_a_text_policy():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 50))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    reference = greedy(model, inputs, steps=6)
+    csp_inductor.compile(model, Full(), compile=False)
+    assert torch.equal(greedy(model, inputs, steps=6), reference)
+    csp_inductor.restore(model)
+    csp_inductor.compile(model, SnapKV(), compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy(model, inputs, steps=6)
+    assert model.csp_backend.cache.kept_prompt == [10]
+
+
+def test_bad_input_errors():
+    with pytest.raises(TypeError, match=r"supported families: .*llava"):
+        csp_inductor.compile(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="policy must be a csp_inductor Policy"):
+        csp_inductor.compile(tiny_llava(), policy="csp")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        csp_inductor.compile(tiny_llava(), kernel="cuda-graphs")
+    with pytest.raises(ValueError, match="decode_capacity must be"):
+        csp_inductor.compile(tiny_llava(), decode_capacity=0)
+    model = csp_inductor.compile(tiny_llava(), compile=False)
+    with pytest.raises(ValueError, match="already compiled"):
+        csp_inductor.compile(model)
+    embeds = torch.randn(1, 40, 64)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=embeds)
+    csp_inductor.restore(model)
+    with pytest.raises(ValueError, match="not compiled"):
+        csp_inductor.restore(model)
