@@ -1,0 +1,286 @@
+"""Evaluation harness: policies × budgets × tasks -> accuracy table, JSON and a plot.
+
+    python -m csp_inductor eval --policies full,csp,snapkv --budgets 0.05,0.1,0.2,0.4
+
+A policy is given by name with optional dataclass options, e.g. ``csp:n=0``,
+``csp:cross_ratio=0.9`` or ``csp:faithful=true`` (used for ablations). At every budget the
+scoring window is ``min(0.1, budget / 2)`` of the prompt (the paper's 0.1 at the default 0.2),
+the same for every policy. ``full`` ignores the budget and is evaluated once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import haystack as hs
+from .compile import compile as compile_model
+from .compile import restore
+from .policies import POLICIES, Full, Policy, make_policy
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """``name[:key=value,...]`` from the command line."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> PolicySpec:
+        name, _, rest = text.strip().partition(":")
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r} in {text!r}; known: {sorted(POLICIES)}")
+        options = []
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"policy option {item!r} in {text!r} must be key=value")
+            options.append((key, _literal(value)))
+        return cls(name, tuple(options))
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.name}:{opts}" if opts else self.name
+
+    def build(self, budget: float) -> Policy:
+        if self.name == "full":
+            return Full()
+        options = {"budget": budget, "window_ratio": min(0.1, budget / 2), **dict(self.options)}
+        return make_policy(self.name, **options)
+
+
+def _literal(value: str) -> object:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+@dataclass
+class RunStats:
+    correct: list[bool]
+    kv_bytes: int = 0  # summed over batches: bytes the pruned caches held
+    full_kv_bytes: int = 0  # what full caches of the same prompts would hold
+
+
+def run_haystack(
+    model, samples: list[hs.Sample], policy: Policy, *, batch_size: int = 8, compiled=False
+) -> RunStats:
+    """Greedy answers of ``model`` under ``policy`` for ``samples`` (batched, left-padded)."""
+    compile_model(model, policy, compile=compiled)
+    backend = model.csp_backend
+    stats = RunStats(correct=[None] * len(samples))
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = hs.collate([samples[i] for i in chunk])
+            new = _generate(model, batch, max_new_tokens=4)
+            cache = backend.cache
+            stats.kv_bytes += cache.nbytes()
+            real = int(batch["attention_mask"].sum(dim=1).max())
+            stats.full_kv_bytes += len(chunk) * real * cache.kv_bytes_per_token()
+            for i, ids in zip(chunk, new, strict=True):
+                stats.correct[i] = hs.score(ids, samples[i])
+    finally:
+        restore(model)
+    return stats
+
+
+@torch.no_grad()
+def _generate(model, batch, *, max_new_tokens: int, min_new_tokens: int = 0):
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=False,
+        pad_token_id=hs.PAD_TOKEN_ID,
+        eos_token_id=hs.EOS_TOKEN_ID,
+    )
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def decode_speed(model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled=False):
+    """Decode tokens/s of one prompt: (time of prefill + ``new_tokens``) − (time of prefill + 1),
+    each the best of two runs; also returns the cache bytes held."""
+    compile_model(model, policy, compile=compiled)
+    batch = hs.collate([sample])
+    try:
+        times = {}
+        for n in (1, new_tokens + 1):
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                _generate(model, batch, max_new_tokens=n, min_new_tokens=n)
+                best = min(best, time.perf_counter() - start)
+            times[n] = best
+        held = model.csp_backend.cache.nbytes()
+    finally:
+        restore(model)
+    return new_tokens / max(1e-9, times[new_tokens + 1] - times[1]), held
+
+
+def evaluate_haystack(
+    model,
+    specs: list[PolicySpec],
+    budgets: list[float],
+    *,
+    samples: int,
+    seed: int,
+    tasks: tuple[str, ...] = hs.TASKS,
+    batch_size: int = 8,
+    compiled: bool = False,
+) -> list[dict]:
+    data = hs.make_split("test", samples * len(tasks), seed=seed, tasks=tasks)
+    jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
+    results = []
+    for spec, budget in tqdm(jobs, desc="eval", unit="run"):
+        stats = run_haystack(
+            model, data, spec.build(budget), batch_size=batch_size, compiled=compiled
+        )
+        for task in tasks:
+            hits = [c for c, s in zip(stats.correct, data, strict=True) if s.task == task]
+            results.append(_row(spec, budget, task, sum(hits) / len(hits), len(hits), stats))
+        results.append(_row(spec, budget, "all", sum(stats.correct) / len(data), len(data), stats))
+    return results
+
+
+def _row(spec, budget, task, accuracy, n, stats: RunStats) -> dict:
+    return {
+        "policy": spec.label,
+        "budget": budget,
+        "task": task,
+        "accuracy": round(accuracy, 4),
+        "n": n,
+        "kv_fraction": round(stats.kv_bytes / max(1, stats.full_kv_bytes), 4),
+    }
+
+
+def evaluate_milebench(
+    model_dir: str, data_dir: str, datasets: list[str], specs, budgets, *, samples: int
+) -> list[dict]:
+    from . import milebench
+
+    model, processor = milebench.load_model(model_dir)
+    results = []
+    jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
+    for spec, budget in tqdm(jobs, desc="milebench", unit="run"):
+        compile_model(model, spec.build(budget), compile=False)
+        try:
+            for name in datasets:
+                data = milebench.load_dataset(data_dir, name, limit=samples)
+                predictions = milebench.run(model, processor, data, max_new_tokens=64)
+                scored = milebench.score(name, predictions, data)
+                results.append(
+                    {
+                        "policy": spec.label,
+                        "budget": budget,
+                        "task": name,
+                        "accuracy": round(scored["score"], 4),
+                        "metric": scored["metric"],
+                        "n": scored["n"],
+                    }
+                )
+        finally:
+            restore(model)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    runs = list(dict.fromkeys((r["policy"], r["budget"]) for r in results))
+    cell = {(r["policy"], r["budget"], r["task"]): r["accuracy"] for r in results}
+    head = f"{'policy':<28}{'budget':>7}" + "".join(f"{t:>14}" for t in tasks)
+    lines = [head, "-" * len(head)]
+    for policy, budget in runs:
+        vals = "".join(f"{cell.get((policy, budget, t), float('nan')):>14.3f}" for t in tasks)
+        lines.append(f"{policy:<28}{budget:>7.2f}{vals}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str, task: str = "all") -> None:
+    """Accuracy vs budget, one line per policy (``full`` as a horizontal line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["task"] == task]
+    budgets = sorted({r["budget"] for r in rows if r["policy"] != "full"})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["budget"], r["accuracy"]) for r in rows if r["policy"] == policy)
+        if policy == "full":
+            ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="full cache")
+            continue
+        ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xlabel("KV budget (fraction of the prompt kept)")
+    ax.set_ylabel(f"accuracy ({task})")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m csp_inductor eval", description=__doc__)
+    p.add_argument("--bench", choices=("visualhaystack", "milebench"), default="visualhaystack")
+    p.add_argument("--model", default=str(hs.BUILTIN_MODEL_PATH), help="local HF model dir")
+    p.add_argument("--policies", default="full,csp,snapkv,h2o,lookm,streamingllm")
+    p.add_argument("--budgets", default="0.05,0.1,0.2,0.4")
+    p.add_argument("--samples", type=int, default=25, help="per task (milebench: per dataset)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tasks", default=",".join(hs.TASKS), help="visualhaystack tasks")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    p.add_argument("--data-dir", help="milebench: the directory holding the datasets")
+    p.add_argument("--datasets", default="", help="milebench: comma-separated dataset names")
+    p.add_argument("--json", help="write {'results': [...]} here")
+    p.add_argument("--plot", help="write a PNG of accuracy vs budget here")
+    args = p.parse_args(argv)
+    specs = [PolicySpec.parse(s) for s in args.policies.split(",") if s.strip()]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for b in budgets:
+        if not 0 < b <= 1:
+            p.error(f"--budgets: every budget must be in (0, 1], got {b}")
+    if args.bench == "milebench":
+        if not args.data_dir or not args.datasets:
+            p.error("--bench milebench needs --data-dir and --datasets")
+        results = evaluate_milebench(
+            args.model, args.data_dir, args.datasets.split(","), specs, budgets,
+            samples=args.samples,
+        )  # fmt: skip
+    else:
+        model = hs.load_builtin_model(args.model)
+        tasks = tuple(t for t in args.tasks.split(",") if t)
+        unknown = set(tasks) - set(hs.TASKS)
+        if unknown:
+            p.error(f"--tasks: unknown {sorted(unknown)}; known: {list(hs.TASKS)}")
+        results = evaluate_haystack(
+            model, specs, budgets, samples=args.samples, seed=args.seed, tasks=tasks,
+            batch_size=args.batch_size, compiled=args.compile,
+        )  # fmt: skip
+    print(format_table(results))
+    if args.json:
+        meta = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+        Path(args.json).write_text(json.dumps({"config": meta, "results": results}, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
