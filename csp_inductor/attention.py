@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention, or_masks
 
 KERNELS = ("auto", "sdpa", "flex")
 FLEX_BLOCK = 128
@@ -41,6 +41,15 @@ def causal_padding_mask(key_padding: Tensor):
         return (kv_idx <= q_idx) & (~key_padding[b, kv_idx] | key_padding[b, q_idx])
 
     return causal_padding
+
+
+def image_block_mask(image_blocks: Tensor):
+    """Query and key in the same image: ``image_blocks`` (batch, seq) long, -1 off images."""
+
+    def same_image(b, h, q_idx, kv_idx):
+        return (image_blocks[b, q_idx] == image_blocks[b, kv_idx]) & (image_blocks[b, q_idx] >= 0)
+
+    return same_image
 
 
 def causal_mask():
@@ -105,25 +114,35 @@ def prefill_attention(
     key_padding: Tensor | None,
     sliding_window: int | None,
     kernel: str,
+    image_blocks: Tensor | None = None,
 ) -> Tensor:
-    """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d)."""
+    """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d).
+
+    ``image_blocks`` (b, L) long: the image each token belongs to (-1 = not an image), for
+    models whose image tokens attend to each other bidirectionally (causal ∨ same image)."""
     if kernel == "flex":
         mods = [causal_mask() if key_padding is None else causal_padding_mask(key_padding)]
+        if image_blocks is not None:
+            mods[0] = or_masks(mods[0], image_block_mask(image_blocks))
         if sliding_window is not None:
             mods.append(sliding_window_mask(sliding_window))
         mask_mod = and_masks(*mods) if len(mods) > 1 else mods[0]
         b, _, seq, _ = q.shape
         block_mask = torch.nn.attention.flex_attention.create_block_mask(
-            mask_mod, b if key_padding is not None else None, None, seq, seq, device=q.device
-        )
+            mask_mod, b if key_padding is not None or image_blocks is not None else None, None,
+            seq, seq, device=q.device,
+        )  # fmt: skip
         out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
-    if key_padding is None and sliding_window is None:
+    if key_padding is None and sliding_window is None and image_blocks is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
     seq = q.shape[2]
     pos = torch.arange(seq, device=q.device)
     allowed = (pos[None, :] <= pos[:, None])[None]
+    if image_blocks is not None:
+        same = image_blocks[:, :, None] == image_blocks[:, None, :]
+        allowed = allowed | (same & (image_blocks[:, :, None] >= 0))
     if key_padding is not None:
         allowed = allowed & (~key_padding[:, None, :] | key_padding[:, :, None])
     if sliding_window is not None:
