@@ -16,10 +16,17 @@ decode. Both kernels compute the same function and are tested against each other
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention, or_masks
+from torch.nn.attention.flex_attention import (
+    BlockMask,
+    and_masks,
+    flex_attention,
+    or_masks,
+)
 
 KERNELS = ("auto", "sdpa", "flex")
 FLEX_BLOCK = 128
@@ -83,6 +90,23 @@ def decode_sliding_mask(positions: Tensor, seen: Tensor, window: int, group: int
         return seen + q_idx - positions[b, h // group, kv_idx] < window
 
     return decode_sliding
+
+
+def slot_mask(slot: int):
+    def null_slot(b, h, q_idx, kv_idx):
+        return kv_idx == slot
+
+    return null_slot
+
+
+def null_slot_score(slot: int, logit: float):
+    """score_mod pinning the (zero) key at ``slot`` to ``logit``: with ``logit = ln n`` the
+    attention weights become the n-softmax."""
+
+    def null_score(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx == slot, logit, score)
+
+    return null_score
 
 
 def dense_partial_block_mask(mask_mod, batch: int, heads: int, q_len: int, kv_len: int):
@@ -165,11 +189,20 @@ def decode_attention(
     sliding_window: int | None,
     kernel: str,
     block_mask: BlockMask | None = None,
+    null_logit: float | None = None,
 ) -> Tensor:
     """New tokens over the static buffers. q (b, hq, t, d), keys/values (b, hkv, cap, d),
-    lengths (b,), positions (b, hkv, cap), seen () -> (b, t, hq, d)."""
+    lengths (b,), positions (b, hkv, cap), seen () -> (b, t, hq, d).
+
+    ``null_logit`` (= ln n) turns the softmax into the n-softmax ``exp(s)/(n + Σ exp(s))``: the
+    last slot of the buffers is then a null slot (K = V = 0, never written) that every query
+    sees with its logit pinned to ``ln n``."""
     if kernel == "flex":
-        out = flex_attention(q, keys, values, block_mask=block_mask, scale=scale, enable_gqa=True)
+        score_mod = None if null_logit is None else null_slot_score(keys.shape[2] - 1, null_logit)
+        out = flex_attention(
+            q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
         return _bhsd_to_bshd(out)
     t, cap = q.shape[2], keys.shape[2]
     slots = torch.arange(cap, device=q.device)
@@ -181,8 +214,13 @@ def decode_attention(
         near = q_pos[None, None, :, None] - positions[:, :, None, :] < sliding_window
         group = q.shape[1] // keys.shape[1]
         allowed = (allowed & near).repeat_interleave(group, dim=1)
+    mask = allowed
+    if null_logit is not None:
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~allowed, -math.inf)
+        mask[..., -1] = null_logit
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True
+        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )
     return _bhsd_to_bshd(out)
 
@@ -194,6 +232,7 @@ def decode_block_mask(
     sliding_window: int | None,
     q_heads: int,
     q_len: int = 1,
+    null_slot: bool = False,
 ) -> BlockMask:
     """The flex decode mask, built once per prompt (see :func:`dense_partial_block_mask`).
     Global layers share one; a sliding-window layer needs its own (its stored positions)."""
@@ -203,4 +242,6 @@ def decode_block_mask(
         group = q_heads // positions.shape[1]
         mod = and_masks(mod, decode_sliding_mask(positions, seen, sliding_window, group))
         heads = q_heads
+    if null_slot:
+        mod = or_masks(mod, slot_mask(positions.shape[2] - 1))
     return dense_partial_block_mask(mod, lengths.shape[0], heads, q_len, positions.shape[2])

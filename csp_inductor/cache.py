@@ -84,9 +84,12 @@ class PrunedCache(Cache):
 
     is_compileable = True
 
-    def __init__(self, specs: list[LayerSpec], decode_capacity: int, align: int = 1):
+    def __init__(
+        self, specs: list[LayerSpec], decode_capacity: int, align: int = 1, null_slot: bool = False
+    ):
         super().__init__(layers=[])
         self.align = align  # capacity rounded up to a multiple of this
+        self.null_slot = null_slot  # the last slot stays K = V = 0 (decode-time n-softmax)
         self.layers = [PrunedLayer(self, i, s) for i, s in enumerate(specs)]
         self.decode_capacity = int(decode_capacity)
         self.phase = "empty"
@@ -101,7 +104,8 @@ class PrunedCache(Cache):
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
             )
-        capacity = -(-(max(kept) + self.decode_capacity) // self.align) * self.align
+        needed = max(kept) + self.decode_capacity + int(self.null_slot)
+        capacity = -(-needed // self.align) * self.align
         for layer in self.layers:
             layer.allocate(len(kept), capacity, dtype, device)
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
@@ -118,10 +122,11 @@ class PrunedCache(Cache):
 
     def room(self) -> int:
         """How many more tokens fit in the decode capacity (the tightest row)."""
-        return self.layers[0].keys.shape[2] - int(self.lengths.max())
+        return self.layers[0].keys.shape[2] - int(self.null_slot) - int(self.lengths.max())
 
     def grow(self, extra: int) -> None:
         """Enlarge the decode capacity by ``extra`` slots (copies the buffers; rare)."""
+        extra = -(-extra // self.align) * self.align
         for layer in self.layers:
             pad = (0, 0, 0, extra)
             layer.keys = torch.nn.functional.pad(layer.keys, pad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ class Backend:
         decode_capacity: int = DEFAULT_DECODE_CAPACITY,
         compile: bool = True,
         dynamic: bool = True,
+        decode_softmax_n: float | None = None,
     ):
         if not isinstance(policy, Policy):
             raise TypeError(
@@ -64,6 +66,14 @@ class Backend:
             raise ValueError(
                 f"decode_capacity must be an int >= 1, got decode_capacity={decode_capacity!r}"
             )
+        if decode_softmax_n is not None and not (
+            isinstance(decode_softmax_n, (int, float)) and 0 < decode_softmax_n < math.inf
+        ):
+            raise ValueError(
+                "decode_softmax_n must be None (ordinary softmax) or a finite number > 0, got "
+                f"decode_softmax_n={decode_softmax_n!r}"
+            )
+        self.null_logit = None if decode_softmax_n is None else math.log(decode_softmax_n)
         self.model = model
         self.adapter: Adapter = adapter_for(model)
         self.decoder = find_decoder(model, self.adapter)
@@ -131,7 +141,10 @@ class Backend:
         # Compiled flex on CPU (torch 2.13) returns wrong results when the KV length is below
         # one block and differs from the query length: flex buffers are whole blocks.
         align = FLEX_BLOCK if self.kernel == "flex" else 1
-        return PrunedCache(self.layer_specs(), decode_capacity or self.decode_capacity, align)
+        return PrunedCache(
+            self.layer_specs(), decode_capacity or self.decode_capacity, align,
+            null_slot=self.null_logit is not None,
+        )  # fmt: skip
 
     def _generate(self, generate):
         def wrapped(*args, **kwargs):
@@ -227,8 +240,9 @@ class Backend:
             key = i if window else None
             if key not in self.block_masks:
                 self.block_masks[key] = decode_block_mask(
-                    cache.lengths, layer.positions, cache.seen, window, q_heads, q_len
-                )
+                    cache.lengths, layer.positions, cache.seen, window, q_heads, q_len,
+                    null_slot=cache.null_slot,
+                )  # fmt: skip
 
     def _after_forward(self, module, args, kwargs, output):
         self.from_generate, self.prompt_mask = False, None
@@ -253,8 +267,10 @@ def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Mod
 
     Options: ``kernel`` ("auto" | "sdpa" | "flex"), ``decode_capacity`` (cache room for new
     tokens when not generating through ``generate``), ``compile`` (False = eager, for
-    debugging), ``dynamic`` (symbolic prompt lengths, default True). Returns the same model,
-    changed in place; :func:`restore` undoes it. The backend is ``model.csp_backend``.
+    debugging), ``dynamic`` (symbolic prompt lengths, default True), ``decode_softmax_n``
+    (None = ordinary softmax at decode; n > 0 = the n-softmax over the pruned cache, through a
+    null KV slot whose logit is pinned to ln n: an ablation, off by default). Returns the same
+    model, changed in place; :func:`restore` undoes it. The backend is ``model.csp_backend``.
     """
     if getattr(model, "csp_backend", None) is not None:
         raise ValueError("this model is already compiled by csp_inductor; restore(model) first")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from csp_inductor import n_softmax
 from csp_inductor.attention import (
     choose_kernel,
     decode_attention,
@@ -92,3 +93,26 @@ def test_kernel_choice():
     assert choose_kernel("auto", torch.device("cuda")) == "flex"
     with pytest.raises(ValueError, match="kernel must be one of"):
         choose_kernel("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_decode_null_slot_gives_the_n_softmax(kernel):
+    torch.manual_seed(2)
+    b, hq, hkv, cap, d, n = 2, 4, 2, 128, 16, 3.0
+    q = torch.randn(b, hq, 1, d)
+    keys, values = torch.randn(b, hkv, cap, d), torch.randn(b, hkv, cap, d)
+    keys[:, :, -1] = 0  # the null slot, as the cache keeps it
+    values[:, :, -1] = 0
+    lengths = torch.tensor([17, 90])
+    positions = torch.arange(cap).expand(b, hkv, cap)
+    seen = torch.tensor(cap)
+    kw = dict(lengths=lengths, positions=positions, seen=seen, scale=0.3, sliding_window=None)
+    mask = decode_block_mask(lengths, positions, seen, None, q_heads=hq, null_slot=True)
+    fn = torch.compile(decode_attention, fullgraph=True) if kernel == "flex" else decode_attention
+    out = fn(q, keys, values, kernel=kernel, block_mask=mask, null_logit=math.log(n), **kw)
+    g = hq // hkv
+    logits = q.double() @ keys.double().repeat_interleave(g, 1).transpose(-1, -2) * 0.3
+    valid = torch.arange(cap)[None, None, None, :] < lengths[:, None, None, None] + 1
+    weights = n_softmax(logits.masked_fill(~valid, -math.inf), n=n)
+    want = (weights @ values.double().repeat_interleave(g, 1)).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
