@@ -3,23 +3,31 @@
 A sample interleaves images (real pixel arrays that go through the model's vision tower) with
 short text facts, then asks a short-answer question. Every image is a ``GRID x GRID`` board of
 cells; a cell is empty or holds one coloured shape, and one cell is exactly one ViT patch, so
-each image becomes ``TOKENS_PER_IMAGE`` image tokens in the decoder. The answer always hangs on
-a few tokens far back in the prompt (the ``evidence`` positions), which is what makes pruning
-the KV cache measurably hurt.
+each image becomes ``TOKENS_PER_IMAGE`` image tokens in the decoder. Every cell also carries
+a thin frame whose two colours encode the image's name (``frame_code``), so the text name of an
+image can be matched against its pixels by a fixed table (this keeps the tasks learnable by a
+tiny model trained for minutes on a CPU: one attention hop from the question to the needle).
+The answer always hangs on a few tokens far back in the prompt (the ``evidence`` positions),
+which is what makes pruning the KV cache measurably hurt.
 
 Prompt layout (word-level tokens, ``<image>`` expanded LLaVA-style)::
 
-    <bos> image pic12 <image>*16 key7 is val3 . image pic40 <image>*16 ... QUESTION ? | ANSWER <eos>
+    <bos> image id1 id5 <image>*16 door is red . image id4 id0 <image>*16 ... QUESTION ?
+    -> ANSWER <eos>
+
+An image's name is two words (``id1 id5``); text facts are ``KEY is VALUE .``.
 
 Tasks (``TASKS``):
 
 * ``image_needle``  "which image has a red circle ?" -> the image's name (one cell in the whole
   prompt holds that object).
-* ``text_needle``   "what is door ?" -> the value of one text fact among the images.
-* ``cross_modal``   "what colour is the circle in pic12 ?" -> a colour read from the pixels of
+* ``text_needle``   "what is door ?" -> a passkey: the one text fact among the images whose
+  value is a digit; the other facts hold colour words.
+* ``cross_modal``   "what colour is the circle in id1 id5 ?" -> a colour read from the pixels of
   the image the text names (that image holds exactly one circle).
-* ``comparison``    "what changed from pic3 to pic9 ?" -> "<colour> <shape>": pic9 (shown right
-  after pic3) is pic3 with one cell replaced; the answer is the new object.
+* ``comparison``    "what changed from id3 id0 to id2 id6 ?" -> "<colour> <shape>": the second
+  image (shown right after the first) is the first with one cell replaced; the answer is the
+  new object.
 
 Modality of every prompt position is ``input_ids == IMAGE_TOKEN_ID``.
 """
@@ -54,12 +62,18 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "magenta": (1.0, 0.0, 1.0),
 }
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
-NAMES: tuple[str, ...] = tuple(f"pic{i}" for i in range(64))
+# Every cell of an image carries its image's name as a two-colour frame code (top/left edge,
+# bottom/right edge; 7 x 7 codes), so a text name maps to pixels by a fixed table.
+FRAME_LEVELS: tuple[tuple[float, float, float], ...] = tuple(
+    (0.4 * r, 0.4 * g, 0.4 * b) for r in (0, 1) for g in (0, 1) for b in (0, 1) if r or g or b
+)
+NAME_PARTS: tuple[str, ...] = tuple(f"id{i}" for i in range(len(FRAME_LEVELS)))
+NAMES: tuple[str, ...] = tuple(f"{a} {b}" for a in NAME_PARTS for b in NAME_PARTS)  # 2 words
 KEYS: tuple[str, ...] = (
     "door", "river", "lamp", "stone", "cloud", "forest", "bridge", "tower",
     "garden", "window", "market", "harbor", "valley", "castle", "mirror", "candle",
 )  # fmt: skip
-VALUES: tuple[str, ...] = tuple(f"val{i}" for i in range(32))
+VALUES: tuple[str, ...] = tuple(str(i) for i in range(10))
 MAX_IMAGES = len(NAMES)
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
@@ -67,7 +81,9 @@ _WORDS: tuple[str, ...] = (
     "image", "is", ".", "?", "which", "has", "a", "what", "colour", "the", "in", "changed",
     "from", "to",
 )  # fmt: skip
-VOCAB: tuple[str, ...] = SPECIAL_TOKENS + _WORDS + tuple(COLOURS) + SHAPES + NAMES + KEYS + VALUES
+VOCAB: tuple[str, ...] = (
+    SPECIAL_TOKENS + _WORDS + tuple(COLOURS) + SHAPES + NAME_PARTS + KEYS + VALUES
+)
 TOKEN_TO_ID: dict[str, int] = {tok: i for i, tok in enumerate(VOCAB)}
 PAD_TOKEN_ID = TOKEN_TO_ID["<pad>"]
 BOS_TOKEN_ID = TOKEN_TO_ID["<bos>"]
@@ -105,16 +121,30 @@ Cell = tuple[str, str] | None  # (colour, shape) or empty
 Board = list[Cell]  # GRID*GRID cells, row-major
 
 
-def render(board: Board) -> np.ndarray:
-    """Draw a board as a float32 ``(3, IMAGE_SIZE, IMAGE_SIZE)`` image in ``[0, 1]``."""
+def frame_code(name: str) -> tuple[int, int]:
+    """The two frame-colour indices that mark every cell of the image called ``name``."""
+    return divmod(NAMES.index(name), len(FRAME_LEVELS))
+
+
+def render(board: Board, name: str | None = None) -> np.ndarray:
+    """Draw a board as a float32 ``(3, IMAGE_SIZE, IMAGE_SIZE)`` image in ``[0, 1]``.
+
+    With ``name``, every cell gets a one-pixel frame in the name's code (intensity 0.4, below
+    the shapes' 1.0): top/left edges in the first colour, bottom/right in the second.
+    """
     img = np.zeros((NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for idx, cell in enumerate(board):
-        if cell is None:
-            continue
-        colour, shape = cell
         r, c = divmod(idx, GRID)
         patch = img[:, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL]
-        patch[:, _MASKS[shape]] = _COLOUR_RGB[colour][:, None]
+        if name is not None:
+            first, second = (np.asarray(FRAME_LEVELS[i], np.float32) for i in frame_code(name))
+            patch[:, 0, :] = first[:, None]
+            patch[:, :, 0] = first[:, None]
+            patch[:, CELL - 1, 1:] = second[:, None]
+            patch[:, 1:, CELL - 1] = second[:, None]
+        if cell is not None:
+            colour, shape = cell
+            patch[:, _MASKS[shape]] = _COLOUR_RGB[colour][:, None]
     return img
 
 
@@ -125,7 +155,7 @@ def read_board(pixel_values: torch.Tensor) -> Board:
     for idx in range(TOKENS_PER_IMAGE):
         r, c = divmod(idx, GRID)
         patch = img[:, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL]
-        lit = patch.max(axis=0) > 0.5
+        lit = patch.max(axis=0) > 0.7  # shapes are 1.0, frames 0.4
         if not lit.any():
             board.append(None)
             continue
@@ -143,10 +173,12 @@ def read_board(pixel_values: torch.Tensor) -> Board:
 class Sample:
     """One VisualHaystack prompt.
 
-    ``input_ids`` (L,) prompt only, image placeholders already expanded; ``pixel_values``
-    (num_images, 3, IMAGE_SIZE, IMAGE_SIZE) normalized with mean/std 0.5; ``answer_ids`` (A,)
-    the answer tokens without ``<eos>``; ``evidence`` the prompt positions the answer is read
-    from (for analysis: a pruned cache that drops them cannot answer).
+    ``input_ids`` (L,) prompt ending with the question, image placeholders already expanded;
+    ``pixel_values`` (num_images, 3, IMAGE_SIZE, IMAGE_SIZE) normalized with mean/std 0.5;
+    ``answer_ids`` (A,) the answer tokens without ``<eos>``; ``evidence`` the prompt positions
+    the answer is read from (for analysis: a pruned cache that drops them cannot answer).
+    ``followups`` extra ``(question_ids, answer_ids)`` pairs about the same context, asked after
+    the first answer (training only: more supervision per prompt; empty by default).
     """
 
     task: str
@@ -156,6 +188,7 @@ class Sample:
     answer_ids: torch.Tensor
     evidence: torch.Tensor
     prompt: str = field(repr=False, default="")
+    followups: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -177,15 +210,86 @@ def _random_board(rng: np.random.Generator, fill: float) -> Board:
     ]
 
 
+def _random_object(rng: np.random.Generator) -> tuple[str, str]:
+    return list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+
+
 def _other_object(rng: np.random.Generator, avoid: Sequence[Cell]) -> tuple[str, str]:
     while True:
-        obj = (list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))])
+        obj = _random_object(rng)
         if obj not in avoid:
             return obj
 
 
 def _encode(words: Sequence[str]) -> list[int]:
     return [TOKEN_TO_ID[w] for w in words]
+
+
+# (question words, answer words, [(image index, cell index)] or [fact index])
+_Question = tuple[list[str], list[str], list[tuple[int, int]], list[int]]
+
+
+def _plan_questions(
+    task: str,
+    rng: np.random.Generator,
+    names: list[str],
+    boards: list[Board],
+    keys: list[str],
+    values: list[str],
+    num_questions: int,
+) -> list[_Question]:
+    """Edit ``boards`` in place so each question has exactly one answer; return the questions."""
+    num_images = len(boards)
+    questions: list[_Question] = []
+    if task == "image_needle":
+        objects: list[tuple[str, str]] = []
+        while len(objects) < min(num_questions, len(COLOURS) * len(SHAPES)):
+            obj = _random_object(rng)
+            if obj not in objects:
+                objects.append(obj)
+        for b in boards:
+            for i, cell in enumerate(b):
+                if cell in objects:
+                    b[i] = _other_object(rng, objects)
+        spots = rng.permutation(num_images * TOKENS_PER_IMAGE)[: len(objects)]
+        for obj, spot in zip(objects, spots.tolist(), strict=True):
+            k, c = divmod(spot, TOKENS_PER_IMAGE)
+            boards[k][c] = obj
+            question = ["which", "image", "has", "a", *obj, "?"]
+            questions.append((question, names[k].split(), [(k, c)], []))
+    elif task == "text_needle":
+        # a passkey: the one fact whose value is a code word (the others hold colour words)
+        f = int(rng.integers(len(keys)))
+        values[f] = VALUES[rng.integers(len(VALUES))]
+        questions.append((["what", "is", keys[f], "?"], [values[f]], [], [f]))
+    elif task == "cross_modal":
+        for k in rng.permutation(num_images)[:num_questions].tolist():
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            b = boards[k]
+            for i, cell in enumerate(b):
+                if cell is not None and cell[1] == shape:
+                    b[i] = None
+            c = int(rng.integers(TOKENS_PER_IMAGE))
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            b[c] = (colour, shape)
+            question = ["what", "colour", "is", "the", shape, "in", *names[k].split(), "?"]
+            questions.append((question, [colour], [(k, c)], []))
+    else:  # comparison: disjoint adjacent pairs (k-1, k), the second a one-cell edit
+        seconds = [k for k in rng.permutation(num_images).tolist() if k >= 1]
+        used: set[int] = set()
+        for k in seconds:
+            if len(questions) == num_questions:
+                break
+            if k in used or k - 1 in used:
+                continue
+            used.update((k - 1, k))
+            c = int(rng.integers(TOKENS_PER_IMAGE))
+            boards[k] = list(boards[k - 1])
+            boards[k][c] = _other_object(rng, [boards[k - 1][c]])
+            question = ["what", "changed", "from", *names[k - 1].split(), "to", *names[k].split()]
+            question.append("?")
+            questions.append((question, list(boards[k][c]), [(k - 1, c), (k, c)], []))
+    return questions
 
 
 def make_sample(
@@ -195,11 +299,14 @@ def make_sample(
     num_images: int,
     num_facts: int | None = None,
     fill: float = 0.5,
+    num_questions: int = 1,
 ) -> Sample:
     """Build one sample of ``task``, fully determined by ``seed`` and the keyword arguments.
 
     ``num_images`` in [2, 64]; ``num_facts`` text facts interleaved with the images (default:
-    between 1 and 4, at least 1 for ``text_needle``); ``fill`` the chance a cell is non-empty.
+    between 1 and 4, at least 1 for ``text_needle``); ``fill`` the chance a cell is non-empty;
+    ``num_questions`` > 1 adds ``followups`` (as many as the context allows; none for
+    ``text_needle``, which has one passkey) for training.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not a VisualHaystack task; allowed: {TASKS}")
@@ -207,8 +314,11 @@ def make_sample(
         raise ValueError(f"num_images={num_images} is out of range; allowed: 2..{MAX_IMAGES}")
     if not 0.0 < fill < 1.0:
         raise ValueError(f"fill={fill} is out of range; allowed: 0 < fill < 1")
-    task_index = TASKS.index(task)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), task_index, num_images]))
+    if num_questions < 1:
+        raise ValueError(f"num_questions={num_questions} is out of range; allowed: >= 1")
+    rng = np.random.default_rng(
+        np.random.SeedSequence([int(seed), TASKS.index(task), num_images, num_questions])
+    )
     if num_facts is None:
         num_facts = int(rng.integers(1, 5))
     if not 0 <= num_facts <= len(KEYS):
@@ -219,91 +329,56 @@ def make_sample(
     names = [NAMES[i] for i in rng.permutation(len(NAMES))[:num_images]]
     boards = [_random_board(rng, fill) for _ in range(num_images)]
     keys = [KEYS[i] for i in rng.permutation(len(KEYS))[:num_facts]]
-    values = [VALUES[i] for i in rng.integers(len(VALUES), size=num_facts)]
-    # facts go after image slots; the comparison pair must stay adjacent
-    fact_slots = sorted(rng.integers(0, num_images + 1, size=num_facts).tolist())
-
-    target_image, target_cells, target_fact = 0, [0], -1
-    if task == "image_needle":
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        obj = (colour, shape)
-        for b in boards:
-            for i, cell in enumerate(b):
-                if cell == obj:
-                    b[i] = _other_object(rng, [obj])
-        target_image = int(rng.integers(num_images))
-        target_cells = [int(rng.integers(TOKENS_PER_IMAGE))]
-        boards[target_image][target_cells[0]] = obj
-        question = ["which", "image", "has", "a", colour, shape, "?"]
-        answer = [names[target_image]]
-    elif task == "text_needle":
-        target_fact = int(rng.integers(num_facts))
-        question = ["what", "is", keys[target_fact], "?"]
-        answer = [values[target_fact]]
-    elif task == "cross_modal":
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        target_image = int(rng.integers(num_images))
-        b = boards[target_image]
-        for i, cell in enumerate(b):
-            if cell is not None and cell[1] == shape:
-                b[i] = None
-        target_cells = [int(rng.integers(TOKENS_PER_IMAGE))]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        b[target_cells[0]] = (colour, shape)
-        question = ["what", "colour", "is", "the", shape, "in", names[target_image], "?"]
-        answer = [colour]
-    else:  # comparison
-        target_image = int(rng.integers(1, num_images))
-        first = boards[target_image - 1]
-        second = list(first)
-        cell_idx = int(rng.integers(TOKENS_PER_IMAGE))
-        second[cell_idx] = _other_object(rng, [first[cell_idx]])
-        boards[target_image] = second
-        target_cells = [cell_idx]
-        fact_slots = [s if s != target_image else s + 1 for s in fact_slots]
-        fact_slots.sort()
-        question = ["what", "changed", "from", names[target_image - 1], "to"]
-        question += [names[target_image], "?"]
-        answer = list(second[cell_idx])
+    values = [list(COLOURS)[i] for i in rng.integers(len(COLOURS), size=num_facts)]
+    questions = _plan_questions(task, rng, names, boards, keys, values, num_questions)
+    # facts go before image slot s (s == num_images: after the last image); never inside a
+    # comparison pair, which must stay adjacent
+    pair_seconds = {k for q in questions if task == "comparison" for k, _ in q[2][1:]}
+    slots = [s for s in range(num_images + 1) if s not in pair_seconds]
+    fact_slots = sorted(slots[i] for i in rng.integers(len(slots), size=num_facts).tolist())
 
     words: list[str] = ["<bos>"]
-    evidence: list[int] = []
-    facts = iter(range(num_facts))
+    name_pos: list[int] = []
+    image_pos: list[int] = []
+    fact_pos: list[int] = []
     pending = list(fact_slots)
+    facts = iter(range(num_facts))
 
     def emit_facts(slot: int) -> None:
         while pending and pending[0] == slot:
             pending.pop(0)
             f = next(facts)
-            if f == target_fact:
-                evidence.extend(range(len(words), len(words) + 3))
+            fact_pos.append(len(words))
             words.extend([keys[f], "is", values[f], "."])
 
     for k in range(num_images):
         emit_facts(k)
-        start = len(words) + 2
-        if task in ("image_needle", "cross_modal", "comparison") and k == target_image:
-            evidence.append(start - 1)  # the name token
-            evidence.extend(start + c for c in target_cells)
-        if task == "comparison" and k == target_image - 1:
-            evidence.append(start - 1)
-            evidence.extend(start + c for c in target_cells)
-        words.extend(["image", names[k]] + ["<image>"] * TOKENS_PER_IMAGE)
+        name_pos.append(len(words) + 1)
+        image_pos.append(len(words) + 3)
+        words.extend(["image", *names[k].split()] + ["<image>"] * TOKENS_PER_IMAGE)
     emit_facts(num_images)
-    evidence.extend(range(len(words), len(words) + len(question)))
-    words.extend(question)
 
-    pixels = np.stack([render(b) for b in boards])
+    first_q, first_a, cells, fact_ids = questions[0]
+    evidence = [name_pos[k] + j for k, _ in cells for j in (0, 1)]
+    evidence += [image_pos[k] + c for k, c in cells]
+    evidence += [p for f in fact_ids for p in range(fact_pos[f], fact_pos[f] + 3)]
+    evidence += list(range(len(words), len(words) + len(first_q)))
+    words.extend(first_q)
+
+    pixels = np.stack([render(b, n) for b, n in zip(boards, names, strict=True)])
     pixel_values = torch.from_numpy((pixels - PIXEL_MEAN) / PIXEL_STD)
     return Sample(
         task=task,
         input_ids=torch.tensor(_encode(words), dtype=torch.long),
         pixel_values=pixel_values,
-        answer=" ".join(answer),
-        answer_ids=torch.tensor(_encode(answer), dtype=torch.long),
+        answer=" ".join(first_a),
+        answer_ids=torch.tensor(_encode(first_a), dtype=torch.long),
         evidence=torch.tensor(sorted(set(evidence)), dtype=torch.long),
         prompt=" ".join(words),
+        followups=[
+            (torch.tensor(_encode(q), dtype=torch.long), torch.tensor(_encode(a)))
+            for q, a, _, _ in questions[1:]
+        ],
     )
 
 
@@ -353,17 +428,25 @@ def collate(samples: Sequence[Sample], *, with_answers: bool = False) -> dict[st
     Returns ``input_ids`` / ``attention_mask`` (batch, L_max) with ``PAD_TOKEN_ID`` / 0 on the
     left, and ``pixel_values`` (total_images, 3, H, W) concatenated in batch order (LLaVA fills
     image tokens in row-major order). With ``with_answers`` every row is prompt + answer +
-    ``<eos>`` and ``labels`` (batch, L_max) holds -100 except on answer and ``<eos>`` tokens,
-    aligned with ``input_ids`` (shift by one to train next-token prediction).
+    ``<eos>`` (+ each followup question, answer, ``<eos>``) and ``labels`` (batch, L_max) holds
+    -100 except on answer and ``<eos>`` tokens, aligned with ``input_ids`` (shift by one to
+    train next-token prediction).
     """
     if not samples:
         raise ValueError("collate() got an empty batch")
     rows, label_rows = [], []
     for s in samples:
         if with_answers:
-            tail = torch.cat([s.answer_ids, torch.tensor([EOS_TOKEN_ID])])
-            rows.append(torch.cat([s.input_ids, tail]))
-            label_rows.append(torch.cat([torch.full_like(s.input_ids, -100), tail]))
+            eos = torch.tensor([EOS_TOKEN_ID])
+            parts, labels = [s.input_ids], [torch.full_like(s.input_ids, -100)]
+            for i, (q, a) in enumerate([(None, s.answer_ids), *s.followups]):
+                if i:
+                    parts.append(q)
+                    labels.append(torch.full_like(q, -100))
+                parts += [a, eos]
+                labels += [a, eos]
+            rows.append(torch.cat(parts))
+            label_rows.append(torch.cat(labels))
         else:
             rows.append(s.input_ids)
     length = max(len(r) for r in rows)
@@ -414,25 +497,25 @@ def solve(sample: Sample) -> str:
     from generator state.
     """
     words = [VOCAB[i] for i in sample.input_ids.tolist()]
-    names = [words[i + 1] for i, w in enumerate(words) if w == "image" and i + 1 < len(words)]
-    names = [n for n in names if n in NAMES]
-    boards = dict(zip(names, (read_board(p) for p in sample.pixel_values), strict=True))
     q_start = max(i for i, w in enumerate(words) if w in ("which", "what"))
+    context = words[:q_start]
+    names = [" ".join(context[i + 1 : i + 3]) for i, w in enumerate(context) if w == "image"]
+    boards = dict(zip(names, (read_board(p) for p in sample.pixel_values), strict=True))
     q = words[q_start:-1]
     if q[0] == "which":
         obj = (q[4], q[5])
         hits = [n for n, b in boards.items() if obj in b]
         return hits[0] if len(hits) == 1 else ""
     if q[1] == "colour":
-        shape, name = q[4], q[6]
+        shape, name = q[4], " ".join(q[6:8])
         hits = [c[0] for c in boards[name] if c is not None and c[1] == shape]
         return hits[0] if len(hits) == 1 else ""
     if q[1] == "changed":
-        a, b = boards[q[3]], boards[q[5]]
+        a, b = boards[" ".join(q[3:5])], boards[" ".join(q[6:8])]
         diff = [j for j in range(TOKENS_PER_IMAGE) if a[j] != b[j]]
         return " ".join(b[diff[0]]) if len(diff) == 1 and b[diff[0]] is not None else ""
     key = q[2]
-    facts = [words[i + 2] for i, w in enumerate(words[:q_start]) if w == key]
+    facts = [context[i + 2] for i, w in enumerate(context) if w == key]
     return facts[0] if len(facts) == 1 else ""
 
 
@@ -461,3 +544,27 @@ def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
 
     model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
     return model.eval()
+
+
+def build_processor():
+    """A ``LlavaProcessor`` (PIL image backend, no torchvision) matching the generator: RGB
+    images of ``IMAGE_SIZE`` pixels, normalized with mean/std 0.5, one ``<image>`` in the text
+    expanded to ``TOKENS_PER_IMAGE`` placeholders."""
+    from transformers import LlavaProcessor
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    image_processor = LlavaImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=False,
+        resample=PILImageResampling.NEAREST,
+        image_mean=[PIXEL_MEAN] * NUM_CHANNELS,
+        image_std=[PIXEL_STD] * NUM_CHANNELS,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=CELL,
+        vision_feature_select_strategy="full",
+    )

@@ -1,14 +1,23 @@
 """Train the built-in tiny LLaVA on VisualHaystack, from scratch, on CPU.
 
-    python -m csp_inductor.train --out csp_inductor/assets/tiny_llava --steps 3000
+    python -m csp_inductor.train --out csp_inductor/assets/tiny_llava
 
-Seeded and resumable: the batch of step ``s`` is a pure function of ``(--seed, s)``, and the
-model/optimizer state is checkpointed to ``--work-dir`` (outside the package) every
-``--save-every`` steps; rerunning the same command continues from there. A curriculum grows the
-number of images per prompt from 2 to ``--max-images`` over the first ``--ramp`` fraction of
-the steps, with a constant token budget per batch. At the end the model, tokenizer and
-generation config are written to ``--out`` and per-task greedy accuracy on the held-out split
-is printed (and saved as ``eval.json`` in the work dir).
+Seeded and resumable: the batch of step ``s`` is a pure function of ``(--seed, s)`` and the
+curriculum frontier, and the model/optimizer/curriculum state is checkpointed to
+``--work-dir`` (outside the package) every ``--save-every`` steps; rerunning the same command
+continues from there (``--export-only`` writes the latest checkpoint to ``--out`` and
+evaluates it, e.g. while a run is still going).
+
+Curriculum: prompts hold 2 images for the first ``--hold`` fraction of the steps, then the
+largest image count grows to ``--max-images`` by the ``--ramp`` fraction; it grows earlier
+whenever the running answer accuracy reaches ``--advance-at``. Each batch has one image count
+(biased towards the frontier) and a constant prompt-token budget; every training prompt carries
+up to ``--questions`` questions (the first in the test format, the rest as follow-ups), which
+multiplies the supervision per forward pass.
+
+At the end the model (safetensors), tokenizer, processor and generation config are written to
+``--out`` and per-task greedy full-cache accuracy on the held-out split is printed and saved as
+``eval.json`` in the work dir.
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ def build_config(*, hidden: int = 128, layers: int = 4):
         pad_token_id=hs.PAD_TOKEN_ID,
         bos_token_id=hs.BOS_TOKEN_ID,
         eos_token_id=hs.EOS_TOKEN_ID,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -70,34 +79,41 @@ def build_config(*, hidden: int = 128, layers: int = 4):
     )
 
 
-def curriculum_images(step: int, steps: int, ramp: float, max_images: int) -> int:
-    """Largest number of images allowed at ``step``: 2 at the start, ``max_images`` after the
-    first ``ramp`` fraction of training."""
-    frac = min(1.0, step / max(1.0, ramp * steps))
-    return round(2 + (max_images - 2) * frac)
+def curriculum_floor(step: int, steps: int, hold: float, ramp: float, max_images: int) -> int:
+    """Smallest frontier allowed at ``step``: 2 for the first ``hold`` fraction of training,
+    then growing linearly to ``max_images`` at the ``ramp`` fraction (so long prompts are always
+    reached, whatever the training accuracy)."""
+    frac = (step - hold * steps) / max(1.0, (ramp - hold) * steps)
+    return round(2 + (max_images - 2) * min(1.0, max(0.0, frac)))
 
 
-def batch_for_step(step: int, args) -> list[hs.Sample]:
-    """The (deterministic) training batch of ``step``: one image count per batch, as many
-    samples as fit the token budget, tasks cycling."""
+def batch_for_step(step: int, frontier: int, args) -> list[hs.Sample]:
+    """The (deterministic) training batch of ``step`` given the curriculum ``frontier`` (the
+    largest image count allowed): one image count per batch, biased towards the frontier, as
+    many samples as fit the token budget, tasks cycling."""
     rng = random.Random(f"{args.seed}/{step}")
-    hi = curriculum_images(step, args.steps, args.ramp, args.max_images)
-    # bias towards the current frontier so long prompts get enough steps
-    k = max(2, hi - int(rng.random() ** 2 * (hi - 1)))
-    approx_len = k * (hs.TOKENS_PER_IMAGE + 2) + 20
+    k = max(2, frontier - int(rng.random() ** 2 * (frontier - 1)))
+    approx_len = k * (hs.TOKENS_PER_IMAGE + 2) + 20 + 10 * args.questions
     n = max(1, min(64, args.batch_tokens // approx_len))
     offset = rng.randrange(len(hs.TASKS))
     seeds = [rng.getrandbits(62) for _ in range(n)]
     return [
-        hs.make_sample(hs.TASKS[(offset + i) % len(hs.TASKS)], s, num_images=k)
+        hs.make_sample(
+            hs.TASKS[(offset + i) % len(hs.TASKS)],
+            s,
+            num_images=k,
+            num_facts=rng.randint(1, 8),
+            num_questions=args.questions,
+        )
         for i, s in enumerate(seeds)
     ]
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on answer + ``<eos>`` tokens; returns ``(loss, per-sample all-correct)``."""
+    """Cross-entropy on answer + ``<eos>`` tokens; returns ``(loss, answer-token accuracy)``."""
     labels = batch["labels"]
-    keep = int((labels != -100).sum(-1).max()) + 1
+    labelled = (labels != -100).any(0).nonzero()
+    keep = labels.shape[1] - int(labelled[0]) + 1  # logits from just before the first label
     mask = batch["attention_mask"]
     out = model(
         input_ids=batch["input_ids"],
@@ -109,8 +125,9 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     logits = out.logits[:, :-1].float()
     target = labels[:, -(keep - 1) :]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-    right = (logits.argmax(-1) == target) | (target == -100)
-    return loss, right.all(-1)
+    answer = (target != -100) & (target != hs.EOS_TOKEN_ID)
+    right = (logits.argmax(-1) == target) & answer
+    return loss, right.sum() / answer.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -138,7 +155,7 @@ def evaluate(model, samples, *, batch_size: int = 8, max_new_tokens: int = 3):
 
 
 def save_pretrained(model, out: Path) -> None:
-    """Write model (safetensors), tokenizer and generation config to ``out``."""
+    """Write model (safetensors), tokenizer, processor and generation config to ``out``."""
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
@@ -150,19 +167,24 @@ def save_pretrained(model, out: Path) -> None:
         max_new_tokens=3,
     )
     model.save_pretrained(out)
-    hs.build_tokenizer().save_pretrained(out)
+    hs.build_processor().save_pretrained(out)  # also writes the tokenizer files
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "tiny_llava")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-tokens", type=int, default=2048, help="prompt tokens per batch")
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--batch-tokens", type=int, default=1024, help="prompt tokens per batch")
     p.add_argument("--max-images", type=int, default=40)
-    p.add_argument("--ramp", type=float, default=0.6, help="fraction of steps to reach max")
+    p.add_argument("--hold", type=float, default=0.3, help="fraction of steps at 2 images")
+    p.add_argument("--ramp", type=float, default=0.75, help="fraction of steps to reach max")
+    p.add_argument(
+        "--advance-at", type=float, default=0.85, help="train accuracy that grows the prompts"
+    )
+    p.add_argument("--questions", type=int, default=8, help="questions per training prompt")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -170,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=400, help="held-out samples at the end")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument(
+        "--export-only", action="store_true", help="save + evaluate the checkpoint, no training"
+    )
     args = p.parse_args(argv)
 
     from transformers import LlavaForConditionalGeneration
@@ -190,12 +215,14 @@ def main(argv: list[str] | None = None) -> None:
         frac = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    start, elapsed = 0, 0.0
+    start, elapsed, frontier = 0, 0.0, 2
+    ema_loss, ema_acc = None, None
     if state_path.exists() and not args.fresh:
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
+        frontier, ema_loss, ema_acc = state["frontier"], state["ema_loss"], state["ema_acc"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resuming from {state_path} at step {start} ({elapsed / 60:.1f} min so far)")
 
@@ -207,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                 "opt": opt.state_dict(),
                 "step": step,
                 "elapsed": elapsed,
+                "frontier": frontier,
+                "ema_loss": ema_loss,
+                "ema_acc": ema_acc,
                 "torch_rng": torch.get_rng_state(),
                 "args": vars(args),
             },
@@ -215,11 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         tmp.replace(state_path)
 
     model.train()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, dynamic_ncols=True)
-    ema_loss, ema_acc = None, None
+    end = start if args.export_only else args.steps
+    bar = tqdm(range(start, end), initial=start, total=args.steps, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
-        samples = batch_for_step(step, args)
+        floor = curriculum_floor(step, args.steps, args.hold, args.ramp, args.max_images)
+        if step % 10 == 0 and ema_acc is not None and ema_acc >= args.advance_at:
+            frontier += 1
+        frontier = min(args.max_images, max(frontier, floor))
+        samples = batch_for_step(step, frontier, args)
         batch = hs.collate(samples, with_answers=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -228,17 +262,22 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        acc = right.float().mean().item()
+        acc = right.item()
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.set_postfix(imgs=samples[0].num_images, loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        bar.set_postfix(
+            frontier=frontier,
+            imgs=samples[0].num_images,
+            loss=f"{ema_loss:.3f}",
+            acc=f"{ema_acc:.2f}",
+        )
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
             elapsed += time.perf_counter() - t0
             t0 = time.perf_counter()
             checkpoint(step + 1)
     elapsed += time.perf_counter() - t0
     bar.close()
-    print(f"training time: {elapsed / 60:.1f} min ({args.threads} thread(s))")
+    print(f"training time: {elapsed / 60:.1f} min at step {end} ({args.threads} thread(s))")
 
     save_pretrained(model, args.out)
     size = (args.out / "model.safetensors").stat().st_size / 2**20
@@ -250,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "accuracy": acc,
         "eval_n": args.eval_n,
+        "step": end,
         "train_minutes": elapsed / 60,
         "eval_seconds": time.perf_counter() - t_eval,
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -46,7 +46,8 @@ def test_token_layout(task, num_images):
     starts = (s.is_image[1:] & ~s.is_image[:-1]).nonzero().flatten() + 1
     assert len(starts) == num_images
     for p in starts.tolist():
-        assert hs.VOCAB[ids[p - 2]] == "image" and hs.VOCAB[ids[p - 1]] in hs.NAMES
+        assert hs.VOCAB[ids[p - 3]] == "image"
+        assert " ".join(hs.VOCAB[i] for i in ids[p - 2 : p]) in hs.NAMES
         assert s.is_image[p : p + hs.TOKENS_PER_IMAGE].all()
     assert s.answer_ids.tolist() == [hs.TOKEN_TO_ID[w] for w in s.answer.split()]
     assert 1 <= len(s.answer_ids) <= 2
@@ -169,3 +170,32 @@ def test_batch_runs_through_a_llava_model():
         out = model(**batch)
     assert out.logits.shape == (*batch["input_ids"].shape, len(hs.VOCAB))
     assert model.config.image_token_id == hs.IMAGE_TOKEN_ID
+
+
+@pytest.mark.parametrize("task", hs.TASKS)
+def test_followup_questions_are_answerable_and_labelled(task):
+    s = hs.make_sample(task, 4, num_images=9, num_facts=6, num_questions=4)
+    if task == "text_needle":
+        assert not s.followups  # one passkey per prompt
+        return
+    assert 1 <= len(s.followups) <= 3  # as many as the context allows
+    assert hs.solve(s) == s.answer
+    # the context ends at the last image token or fact full stop; questions hold neither
+    ends = [i for i, t in enumerate(s.input_ids.tolist()) if hs.VOCAB[t] in (".", "<image>")]
+    context = s.input_ids[: ends[-1] + 1]
+    for q, a in s.followups:
+        alt = hs.Sample(
+            task=task,
+            input_ids=torch.cat([context, q]),
+            pixel_values=s.pixel_values,
+            answer=hs.decode(a),
+            answer_ids=a,
+            evidence=s.evidence,
+        )
+        assert hs.solve(alt) == alt.answer
+    batch = hs.collate([s], with_answers=True)
+    labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    expected = [*s.answer_ids.tolist(), hs.EOS_TOKEN_ID]
+    for _, a in s.followups:
+        expected += [*a.tolist(), hs.EOS_TOKEN_ID]
+    assert labelled == expected
