@@ -258,7 +258,7 @@ def _plan_questions(
             question = ["which", "image", "has", "a", *obj, "?"]
             questions.append((question, names[k].split(), [(k, c)], []))
     elif task == "text_needle":
-        # a passkey: the one fact whose value is a code word (the others hold colour words)
+        # a passkey: the one fact whose value is a digit (the others hold colour words)
         f = int(rng.integers(len(keys)))
         values[f] = VALUES[rng.integers(len(VALUES))]
         questions.append((["what", "is", keys[f], "?"], [values[f]], [], [f]))
