@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import decode_attention, prefill_attention
+from .profiling import label
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,11 @@ def csp_attention(
     window = getattr(module, "sliding_window", None)
     cache = backend.cache
     if cache is None or cache.phase == "prefill":
-        out = prefill_attention(
-            query, key, value, scale=scale, key_padding=backend.key_padding,
-            sliding_window=window, kernel=backend.kernel, image_blocks=backend.image_blocks,
-        )  # fmt: skip
+        with label("csp::prefill_attention"):
+            out = prefill_attention(
+                query, key, value, scale=scale, key_padding=backend.key_padding,
+                sliding_window=window, kernel=backend.kernel, image_blocks=backend.image_blocks,
+            )  # fmt: skip
         if cache is not None:
             layer = cache.layers[module.layer_idx]
             torch.ops.csp_inductor.compact_(
@@ -137,9 +139,11 @@ def csp_attention(
             )  # fmt: skip
         return out, None
     layer = cache.layers[module.layer_idx]
-    out = decode_attention(
-        query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
-        scale=scale, sliding_window=window, kernel=backend.kernel,
-        block_mask=backend.block_masks.get(module.layer_idx if window else None),
-    )  # fmt: skip
+    with label("csp::decode_attention"):
+        out = decode_attention(
+            query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
+            scale=scale, sliding_window=window, kernel=backend.kernel,
+            block_mask=backend.block_masks.get(module.layer_idx if window else None),
+            null_logit=backend.null_logit,
+        )  # fmt: skip
     return out, None

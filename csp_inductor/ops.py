@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .policies import Policy
+from .profiling import label
 from .scoring import decomposed_scores_torch, n_softmax_torch
 
 
@@ -99,7 +100,8 @@ def compact_op(
     (b, hkv, capacity, d) and positions_out[:, :, :K] (absolute positions, -1 = unused).
     ``lengths`` (b,) is what the cache was allocated for; a different count is an error.
     """
-    idx = _POLICIES[policy].select(query, key, is_image, key_padding, scale=scale)
+    with label("csp::selection"):
+        idx = _POLICIES[policy].select(query, key, is_image, key_padding, scale=scale)
     width = idx.shape[-1]
     counts = (idx >= 0).sum(dim=-1)
     if not torch.equal(counts, lengths[:, None].expand_as(counts)):
@@ -107,11 +109,12 @@ def compact_op(
             f"the policy kept {counts[:, 0].tolist()} tokens per row but the cache was allocated "
             f"for {lengths.tolist()}: Policy.budget_for disagrees with Policy.select"
         )
-    valid = (idx >= 0)[..., None]
-    safe = idx.clamp_min(0)[..., None]
-    keys_out[:, :, :width] = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid
-    values_out[:, :, :width] = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid
-    positions_out[:, :, :width] = idx
+    with label("csp::compaction"):
+        valid = (idx >= 0)[..., None]
+        safe = idx.clamp_min(0)[..., None]
+        keys_out[:, :, :width] = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid
+        values_out[:, :, :width] = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid
+        positions_out[:, :, :width] = idx
 
 
 @compact_op.register_fake

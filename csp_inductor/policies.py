@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import selection
 from .budget import Budget, split_budget
+from .profiling import label
 from .scoring import decomposed_scores
 
 
@@ -238,10 +239,11 @@ class CSP(Policy):
 
     def _select(self, prompt: Prompt) -> Tensor:
         q_window, window_mask = prompt.window()
-        scores = decomposed_scores(
-            q_window, prompt.k, prompt.is_image, n=self.n, scale=prompt.scale,
-            key_padding=prompt.key_padding, window_mask=window_mask,
-        )  # fmt: skip
+        with label("csp::scoring"):
+            scores = decomposed_scores(
+                q_window, prompt.k, prompt.is_image, n=self.n, scale=prompt.scale,
+                key_padding=prompt.key_padding, window_mask=window_mask,
+            )  # fmt: skip
         s_self, s_cross = scores.unbind(dim=2)
         dev, seq, heads = prompt.k.device, prompt.seq, prompt.k.shape[1]
         quotas = self.quotas(prompt)

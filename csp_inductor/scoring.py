@@ -126,7 +126,9 @@ def decomposed_scores_torch(
     hkv, seq = k.shape[1], k.shape[2]
     group = hq // hkv
     device = k.device
-    keys_t = k.float().transpose(-1, -2)  # (b, hkv, d, seq)
+    # (b, hkv, d, seq) as a transposed view: bmm reads it in place. Broadcasting it over the
+    # group dimension instead would make matmul copy all keys for every chunk.
+    keys_t = k.float().transpose(-1, -2)
     queries = (q_window.float() * scale).view(b, hkv, group, w, d)
     pad = (
         torch.zeros(b, seq, dtype=torch.bool, device=device) if key_padding is None else key_padding
@@ -144,10 +146,16 @@ def decomposed_scores_torch(
     chunk = max(1, min(w, chunk_elements // max(1, b * hq * seq)))
     for start in range(0, w, chunk):
         stop = min(w, start + chunk)
-        logits = queries[:, :, :, start:stop] @ keys_t[:, :, None]  # (b, hkv, g, c, seq)
+        c = stop - start
+        rows = queries[:, :, :, start:stop].reshape(b, hkv, group * c, d)
+        logits = (rows @ keys_t).view(b, hkv, group, c, seq)
+        # causality only bites in the columns after the chunk's first query
+        first = seq - w + start + 1
         q_pos = torch.arange(seq - w + start, seq - w + stop, device=device)
-        masked = (key_pos[None, :] > q_pos[:, None])[None] | pad[:, None, :]  # (b, c, seq)
-        logits.masked_fill_(masked[:, None, None], -math.inf)
+        future = key_pos[None, first:] > q_pos[:, None]  # (c, seq - first)
+        logits[..., first:].masked_fill_(future, -math.inf)
+        if key_padding is not None:
+            logits.masked_fill_(pad[:, None, None, None, :], -math.inf)
         # one exp pass: P·total = exp(s - max), LSE = max + log(total)
         row_max = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         logits.sub_(row_max).exp_()
@@ -156,7 +164,6 @@ def decomposed_scores_torch(
         # a fully masked row (a padding query) has total = 0 and contributes nothing
         weight = torch.where(total > 0, torch.sigmoid(lse - log_n) / total, 0.0)
         coef = weight[..., None] * rows_onehot[:, None, None, start:stop]  # (b, hkv, g, c, 2)
-        c = stop - start
         acc += coef.reshape(b, hkv, group * c, 2).transpose(-1, -2) @ logits.view(
             b, hkv, group * c, seq
         )
