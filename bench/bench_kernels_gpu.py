@@ -38,7 +38,6 @@ def _setup(seq: int, q_heads: int, kv_heads: int, head_dim: int, dtype, window_r
 
 def _providers(q, k, is_image, window, n: float):
     from csp_inductor.kernels.decomposed_scores import decomposed_scores_triton
-
     from csp_inductor.scoring import decomposed_scores_torch
     from csp_inductor.testing import authors_dense_scores
 
@@ -103,7 +102,6 @@ def bench_scores(args) -> None:
 
 def bench_n_softmax(args) -> None:
     from csp_inductor.kernels.n_softmax import n_softmax_triton
-
     from csp_inductor.scoring import n_softmax_torch
 
     dtype = getattr(torch, args.dtype)

@@ -227,3 +227,23 @@ def test_bad_input_errors():
     csp_inductor.restore(model)
     with pytest.raises(ValueError, match="not compiled"):
         csp_inductor.restore(model)
+
+
+def test_decode_softmax_n_option():
+    inputs = prompt([30, 20, 11], seed=8)
+    model = tiny_llava()
+    logits = {}
+    for n in (None, 1e-30, 1.0):
+        csp_inductor.compile(model, CSP(), compile=False, decode_softmax_n=n)
+        out = model.generate(
+            **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        logits[n] = torch.stack(out.logits)
+        assert model.csp_backend.cache.null_slot == (n is not None)
+        csp_inductor.restore(model)
+    # n -> 0 is the ordinary softmax; n = 1 really changes the decode distribution
+    torch.testing.assert_close(logits[1e-30], logits[None])
+    assert not torch.allclose(logits[1.0][1:], logits[None][1:], atol=1e-3)
+    with pytest.raises(ValueError, match="decode_softmax_n must be"):
+        csp_inductor.compile(model, decode_softmax_n=0.0)
