@@ -1,0 +1,50 @@
+"""The evaluation harness and the command line, on the built-in model with tiny samples."""
+
+import json
+
+import pytest
+
+from csp_inductor import CSP, Full, SnapKV
+from csp_inductor.__main__ import main
+from csp_inductor.eval import PolicySpec, format_table
+
+
+def test_policy_specs():
+    assert PolicySpec.parse("full").build(0.2) == Full()
+    assert PolicySpec.parse("snapkv").build(0.05) == SnapKV(budget=0.05, window_ratio=0.025)
+    spec = PolicySpec.parse("csp:n=0,cross_ratio=0.9,faithful=true")
+    assert spec.label == "csp:n=0,cross_ratio=0.9,faithful=True"
+    assert spec.build(0.2) == CSP(budget=0.2, window_ratio=0.1, n=0, cross_ratio=0.9, faithful=True)
+    with pytest.raises(ValueError, match="unknown policy 'pyramid'"):
+        PolicySpec.parse("pyramid")
+    with pytest.raises(ValueError, match="must be key=value"):
+        PolicySpec.parse("csp:n")
+
+
+def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    code = main(
+        ["eval", "--samples", "1", "--policies", "full,csp,snapkv", "--budgets", "0.1,0.2",
+         "--json", str(out), "--plot", str(png)]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    runs = {(r["policy"], r["budget"]) for r in results}
+    assert runs == {("full", 1.0), ("csp", 0.1), ("csp", 0.2), ("snapkv", 0.1), ("snapkv", 0.2)}
+    for r in results:
+        assert set(r) >= {"policy", "budget", "task", "accuracy", "n"}
+        assert 0 <= r["accuracy"] <= 1
+        # the pruned caches really hold about the budget (plus decode room), full holds all
+        if r["policy"] == "full":
+            assert r["kv_fraction"] >= 1.0
+        else:
+            assert r["kv_fraction"] < r["budget"] + 0.1
+    assert png.stat().st_size > 1000
+    assert "snapkv" in capsys.readouterr().out
+    assert "budget" in format_table(results)
+
+
+def test_cli_usage_errors(capsys):
+    assert main([]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "--budgets", "0,0.2"])
