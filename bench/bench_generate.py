@@ -1,0 +1,206 @@
+"""End-to-end ``generate`` on a long-context random-weight LLaVA: unmodified transformers (sdpa,
+full cache) vs ``csp_inductor.compile(model, CSP(budget))``.
+
+The model (:func:`csp_inductor.profiling.long_context_llava`): Llama decoder, hidden 1024,
+8 layers, 16 query / 4 KV heads, fp32, a tiny CLIP tower; the prompt
+(:func:`csp_inductor.profiling.image_heavy_prompt`): ``CSP_BENCH_CONTEXT`` tokens (default
+16384), 85% of them image tokens (576 per image) between text runs; ``CSP_BENCH_NEW_TOKENS``
+(default 64) greedy new tokens.
+
+Each provider runs in a fresh subprocess (``python bench/bench_generate.py --provider ...``),
+one after the other in the same pytest run, and reports:
+
+- ``compile_s``: a warm-up ``generate`` on a 1024-token prompt (for CSP: the compilation of the
+  prefill and decode graphs; for the unmodified model: eager warm-up);
+- ``prefill_s``: start of ``generate`` to the first logits (a logits processor timestamps
+  every step); ``decode_tok_s``: the remaining ``new_tokens - 1`` steps per second;
+- ``phase_ms``: totals of the ``csp::`` profiler labels (scoring, selection = scoring + top-k,
+  compaction) over all layers, from ``torch.profiler`` around the whole ``generate`` (both
+  providers run under it); ``csp_overhead`` = (selection + compaction) / prefill_s;
+- ``kv_bytes``: bytes of the cache's K/V tensors after ``generate``; for CSP also ``kept``,
+  ``capacity`` and ``kv_bytes_per_token``, with the check kv_bytes == capacity × per token;
+- ``peak_rss_growth`` (``ru_maxrss`` growth during ``generate``, model and inputs allocated
+  before the baseline) and ``held_rss_growth`` (RSS after ``generate``, freed heap trimmed,
+  with the cache still referenced).
+
+Sizes: ``CSP_BENCH_CONTEXT``, ``CSP_BENCH_NEW_TOKENS``, ``CSP_BENCH_BUDGET`` (0.2),
+``CSP_BENCH_MODEL`` ("hidden,layers,heads,kv_heads", default 1024,8,16,4),
+``CSP_BENCH_THREADS`` (1), ``CSP_BENCH_PROVIDERS`` (default "sdpa_full,csp").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVIDERS = ("sdpa_full", "csp")
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Clock:
+    """A logits processor that timestamps every generation step (the first = after prefill)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def worker(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--provider", choices=PROVIDERS, required=True)
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--model", default="1024,8,16,4")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from transformers import LogitsProcessorList
+
+    import csp_inductor
+    from csp_inductor.profiling import image_heavy_prompt, long_context_llava, profiled
+
+    hidden, layers, heads, kv_heads = (int(x) for x in args.model.split(","))
+    model = long_context_llava(hidden, layers, heads, kv_heads)
+    inputs = image_heavy_prompt(model, args.context)
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    if args.provider == "csp":
+        csp_inductor.compile(model, csp_inductor.CSP(budget=args.budget))
+    start = time.perf_counter()
+    warm = image_heavy_prompt(model, min(1024, args.context), seed=1)
+    model.generate(**warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    compile_s = time.perf_counter() - start
+    del warm
+    _trim()
+    rss_base, maxrss_base = _rss_bytes(), _maxrss()
+    clock = _Clock()
+    with profiled() as prof:
+        start = time.perf_counter()
+        out = model.generate(
+            **inputs, **gen, logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        end = time.perf_counter()
+    peak = _maxrss() - maxrss_base
+    cache = out.past_key_values
+    del prof.profiler  # the profiler's event buffers are not part of what generate holds
+    _trim()
+    held = _rss_bytes() - rss_base
+    prefill_s = clock.stamps[0] - start
+    steps = len(clock.stamps) - 1
+    decode_s = clock.stamps[-1] - clock.stamps[0]
+    result = {
+        "provider": args.provider,
+        "context": int(inputs["input_ids"].shape[1]),
+        "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+        "new_tokens": int(out.sequences.shape[1] - inputs["input_ids"].shape[1]),
+        "model": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads,
+                  "intermediate": model.config.text_config.intermediate_size,
+                  "vocab": model.config.text_config.vocab_size, "dtype": "float32"},
+        "threads": args.threads,
+        "compile_s": compile_s,
+        "generate_s": end - start,
+        "prefill_s": prefill_s,
+        "decode_tok_s": steps / decode_s if steps else None,
+        "phase_ms": prof.phase_ms,
+        "peak_rss_growth": peak,
+        "held_rss_growth": held,
+    }  # fmt: skip
+    layers_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    result["kv_bytes"] = sum(k.nbytes + v.nbytes for k, v in layers_kv)
+    if args.provider == "csp":
+        sel = prof.phase_ms.get("csp::selection", 0.0)
+        comp = prof.phase_ms.get("csp::compaction", 0.0)
+        result.update(
+            budget=args.budget,
+            kept=cache.kept_prompt,
+            capacity=int(cache.layers[0].keys.shape[2]),
+            kv_bytes_per_token=cache.kv_bytes_per_token(),
+            csp_overhead=(sel + comp) / 1e3 / prefill_s,
+        )
+        result["kv_bytes_check"] = (
+            result["kv_bytes"] == result["capacity"] * result["kv_bytes_per_token"]
+        )
+    else:
+        k0 = layers_kv[0][0]
+        result["kv_bytes_per_token"] = 2 * layers * k0.shape[1] * k0.shape[3] * k0.element_size()
+        result["kv_tokens"] = int(k0.shape[2])
+    return result
+
+
+# --- pytest side ------------------------------------------------------------------------------
+def _run(provider: str) -> dict:
+    from conftest import env_int
+
+    args = [
+        sys.executable, str(Path(__file__).resolve()), "--provider", provider,
+        "--context", str(env_int("CSP_BENCH_CONTEXT", 16384)),
+        "--new-tokens", str(env_int("CSP_BENCH_NEW_TOKENS", 64)),
+        "--budget", os.environ.get("CSP_BENCH_BUDGET", "0.2"),
+        "--model", os.environ.get("CSP_BENCH_MODEL", "1024,8,16,4"),
+        "--threads", os.environ.get("CSP_BENCH_THREADS", "1"),
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=7200)
+    for line in proc.stdout.splitlines():
+        if line.startswith("GENERATE_JSON "):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError(f"{provider} worker failed:\n{proc.stderr[-4000:]}")
+
+
+_RESULTS: dict[str, dict] = {}
+
+if "pytest" in sys.modules:
+    import pytest
+
+    _SELECTED = os.environ.get("CSP_BENCH_PROVIDERS", ",".join(PROVIDERS)).split(",")
+
+    @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p in _SELECTED])
+    def test_generate(benchmark, provider):
+        from conftest import record
+
+        result = benchmark.pedantic(_run, args=(provider,), rounds=1, iterations=1)
+        _RESULTS[provider] = result
+        info = dict(result)
+        full = _RESULTS.get("sdpa_full")
+        if provider == "csp" and full is not None:
+            info["vs_full"] = {
+                "decode_tok_s_ratio": result["decode_tok_s"] / full["decode_tok_s"],
+                "prefill_s_ratio": result["prefill_s"] / full["prefill_s"],
+                "kv_bytes_ratio": result["kv_bytes"] / full["kv_bytes"],
+                "peak_rss_ratio": result["peak_rss_growth"] / max(1, full["peak_rss_growth"]),
+                "held_rss_ratio": result["held_rss_growth"] / max(1, full["held_rss_growth"]),
+            }
+        record(benchmark, **info)
+
+
+if __name__ == "__main__":
+    print("GENERATE_JSON " + json.dumps(worker(sys.argv[1:])))
