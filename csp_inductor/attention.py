@@ -29,6 +29,7 @@ from torch.nn.attention.flex_attention import (
 )
 
 KERNELS = ("auto", "sdpa", "flex")
+NULL_POSITION = -2  # stored position of the decode-time n-softmax's null slot (-1 = unused)
 FLEX_BLOCK = 128
 
 
@@ -92,19 +93,25 @@ def decode_sliding_mask(positions: Tensor, seen: Tensor, window: int, group: int
     return decode_sliding
 
 
-def slot_mask(slot: int):
+def null_slot_mask(positions: Tensor):
+    """The null slot: marked by ``NULL_POSITION`` in the stored positions (batch, kv_heads, cap).
+
+    Read from a buffer rather than computed as ``cap - 1``: an index derived from a (possibly
+    symbolic) shape inside a compiled flex graph fails to lower on CPU.
+    """
+
     def null_slot(b, h, q_idx, kv_idx):
-        return kv_idx == slot
+        return positions[b, 0, kv_idx] == NULL_POSITION
 
     return null_slot
 
 
-def null_slot_score(slot: int, logit: float):
-    """score_mod pinning the (zero) key at ``slot`` to ``logit``: with ``logit = ln n`` the
+def null_slot_score(positions: Tensor, logit: float):
+    """score_mod pinning the (zero) key in the null slot to ``logit``: with ``logit = ln n`` the
     attention weights become the n-softmax."""
 
     def null_score(score, b, h, q_idx, kv_idx):
-        return torch.where(kv_idx == slot, logit, score)
+        return torch.where(positions[b, 0, kv_idx] == NULL_POSITION, logit, score)
 
     return null_score
 
@@ -198,7 +205,7 @@ def decode_attention(
     last slot of the buffers is then a null slot (K = V = 0, never written) that every query
     sees with its logit pinned to ``ln n``."""
     if kernel == "flex":
-        score_mod = None if null_logit is None else null_slot_score(keys.shape[2] - 1, null_logit)
+        score_mod = None if null_logit is None else null_slot_score(positions, null_logit)
         out = flex_attention(
             q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scale,
             enable_gqa=True,
@@ -243,5 +250,5 @@ def decode_block_mask(
         mod = and_masks(mod, decode_sliding_mask(positions, seen, sliding_window, group))
         heads = q_heads
     if null_slot:
-        mod = or_masks(mod, slot_mask(positions.shape[2] - 1))
+        mod = or_masks(mod, null_slot_mask(positions))
     return dense_partial_block_mask(mod, lengths.shape[0], heads, q_len, positions.shape[2])

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import NULL_POSITION
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -108,6 +110,7 @@ class PrunedCache(Cache):
         capacity = -(-needed // self.align) * self.align
         for layer in self.layers:
             layer.allocate(len(kept), capacity, dtype, device)
+        self._mark_null_slot()
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
         self.seen = self.seen.to(device)
         self.kept_prompt = list(kept)
@@ -132,6 +135,14 @@ class PrunedCache(Cache):
             layer.keys = torch.nn.functional.pad(layer.keys, pad)
             layer.values = torch.nn.functional.pad(layer.values, pad)
             layer.positions = torch.nn.functional.pad(layer.positions, (0, extra), value=-1)
+            if self.null_slot:  # the old null slot becomes an ordinary free slot
+                layer.positions[..., -extra - 1] = -1
+        self._mark_null_slot()
+
+    def _mark_null_slot(self) -> None:
+        if self.null_slot:
+            for layer in self.layers:
+                layer.positions[..., -1] = NULL_POSITION
 
     # --- inside the compiled graph -----------------------------------------------------------
     def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):

@@ -7,6 +7,7 @@ import torch
 
 from csp_inductor import n_softmax
 from csp_inductor.attention import (
+    NULL_POSITION,
     choose_kernel,
     decode_attention,
     decode_block_mask,
@@ -104,7 +105,8 @@ def test_decode_null_slot_gives_the_n_softmax(kernel):
     keys[:, :, -1] = 0  # the null slot, as the cache keeps it
     values[:, :, -1] = 0
     lengths = torch.tensor([17, 90])
-    positions = torch.arange(cap).expand(b, hkv, cap)
+    positions = torch.arange(cap).expand(b, hkv, cap).clone()
+    positions[..., -1] = NULL_POSITION  # as the cache marks its null slot
     seen = torch.tensor(cap)
     kw = dict(lengths=lengths, positions=positions, seen=seen, scale=0.3, sliding_window=None)
     mask = decode_block_mask(lengths, positions, seen, None, q_heads=hq, null_slot=True)
