@@ -112,6 +112,7 @@ class PrunedCache(Cache):
             layer.allocate(len(kept), capacity, dtype, device)
         self._mark_null_slot()
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
+        self.longest = max(kept)  # host mirror of lengths.max(): no device sync per step
         self.seen = self.seen.to(device)
         self.kept_prompt = list(kept)
         self.phase = "prefill"
@@ -120,12 +121,13 @@ class PrunedCache(Cache):
         """After a forward of ``new_tokens`` tokens: move the lengths and the logical length."""
         if not prompt:
             self.lengths.add_(new_tokens)
+            self.longest += new_tokens
         self.seen.add_(new_tokens)
         self.phase = "decode"
 
     def room(self) -> int:
         """How many more tokens fit in the decode capacity (the tightest row)."""
-        return self.layers[0].keys.shape[2] - int(self.null_slot) - int(self.lengths.max())
+        return self.layers[0].keys.shape[2] - int(self.null_slot) - self.longest
 
     def grow(self, extra: int) -> None:
         """Enlarge the decode capacity by ``extra`` slots (copies the buffers; rare)."""

@@ -104,6 +104,8 @@ class Backend:
         for layer in self.decoder.layers:
             layer.self_attn.csp_backend = self
             self._undo.append(functools.partial(delattr, layer.self_attn, "csp_backend"))
+        # positional forward arguments are named once, not per decode step
+        self.forward_params = list(inspect.signature(model.forward).parameters)
         pre = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         post = model.register_forward_hook(self._after_forward, with_kwargs=True)
         self._undo += [pre.remove, post.remove]
@@ -170,8 +172,7 @@ class Backend:
     # --- hooks (eager, outside the compiled decoder) ------------------------------------------
     def _before_forward(self, module, args, kwargs):
         kwargs = dict(kwargs)
-        names = list(inspect.signature(module.forward).parameters)
-        for name, value in zip(names, args, strict=False):
+        for name, value in zip(self.forward_params, args, strict=False):
             kwargs.setdefault(name, value)
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         q_len = (ids if ids is not None else embeds).shape[1]

@@ -247,3 +247,21 @@ def test_decode_softmax_n_option():
     assert not torch.allclose(logits[1.0][1:], logits[None][1:], atol=1e-3)
     with pytest.raises(ValueError, match="decode_softmax_n must be"):
         csp_inductor.compile(model, decode_softmax_n=0.0)
+
+
+def test_cache_grows_past_its_decode_capacity():
+    inputs = prompt([30, 25, 10], seed=9)
+    model = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
+    logits = []
+    for capacity in (2, 16):
+        cache = model.csp_backend.new_cache(decode_capacity=capacity)
+        out = model(**inputs, past_key_values=cache)
+        mask, steps = inputs["attention_mask"], []
+        for _ in range(6):
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache)
+            steps.append(out.logits[:, -1])
+        logits.append(torch.stack(steps))
+        assert cache.room() >= 0 and cache.longest == cache.kept_prompt[0] + 6
+    torch.testing.assert_close(logits[0], logits[1])
