@@ -43,6 +43,17 @@ ATTN_NAME = "csp_inductor"
 DEFAULT_DECODE_CAPACITY = 256
 
 
+LEGACY_CACHE_ARG = "past_key_values"
+
+
+def _rename_legacy_cache_arg(kwargs: dict, cache_arg: str) -> None:
+    """Move a cache passed as ``past_key_values`` to ``cache_arg`` (in place)."""
+    if cache_arg != LEGACY_CACHE_ARG and LEGACY_CACHE_ARG in kwargs:
+        if kwargs.get(cache_arg) is not None:
+            raise TypeError(f"got both {cache_arg!r} and {LEGACY_CACHE_ARG!r}; pass {cache_arg!r}")
+        kwargs[cache_arg] = kwargs.pop(LEGACY_CACHE_ARG)
+
+
 class Backend:
     """The per-model state shared by the hooks, the attention function and the cache."""
 
@@ -106,6 +117,8 @@ class Backend:
             self._undo.append(functools.partial(delattr, layer.self_attn, "csp_backend"))
         # positional forward arguments are named once, not per decode step
         self.forward_params = list(inspect.signature(model.forward).parameters)
+        # transformers 5.24 renamed the cache argument (the old name still works, deprecated)
+        self.cache_arg = "cache" if "cache" in self.forward_params else LEGACY_CACHE_ARG
         pre = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         post = model.register_forward_hook(self._after_forward, with_kwargs=True)
         self._undo += [pre.remove, post.remove]
@@ -150,10 +163,11 @@ class Backend:
 
     def _generate(self, generate):
         def wrapped(*args, **kwargs):
-            if kwargs.get("past_key_values") is None:
+            _rename_legacy_cache_arg(kwargs, self.cache_arg)
+            if kwargs.get(self.cache_arg) is None:
                 config = kwargs.get("generation_config") or self.model.generation_config
                 new = kwargs.get("max_new_tokens") or config.max_new_tokens
-                kwargs["past_key_values"] = self.new_cache(new or self.decode_capacity)
+                kwargs[self.cache_arg] = self.new_cache(new or self.decode_capacity)
             return generate(*args, **kwargs)
 
         return wrapped
@@ -176,7 +190,8 @@ class Backend:
             kwargs.setdefault(name, value)
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         q_len = (ids if ids is not None else embeds).shape[1]
-        cache = kwargs.get("past_key_values")
+        _rename_legacy_cache_arg(kwargs, self.cache_arg)
+        cache = kwargs.get(self.cache_arg)
         if kwargs.get("use_cache") is False:
             cache = None
         elif not isinstance(cache, PrunedCache):
@@ -186,7 +201,7 @@ class Backend:
                     "PrunedCache (backend.new_cache()) or none"
                 )
             cache = self.new_cache()
-            kwargs["past_key_values"] = cache
+            kwargs[self.cache_arg] = cache
         mask = kwargs.get("attention_mask")
         if cache is None or cache.phase == "empty":
             self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, q_len, cache)

@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+        if Path(args.model).resolve() == hs.BUILTIN_MODEL_PATH.resolve():
+            meta["model"] = "builtin"  # not this machine's install path
         Path(args.json).write_text(json.dumps({"config": meta, "results": results}, indent=1))
     if args.plot:
         plot(results, args.plot)

@@ -8,6 +8,14 @@ curriculum frontier, and the model/optimizer/curriculum state is checkpointed to
 continues from there (``--export-only`` writes the latest checkpoint to ``--out`` and
 evaluates it, e.g. while a run is still going).
 
+Auxiliary probes (training only, discarded at export): linear read-outs of the decoder's hidden
+states get direct targets that a short CPU run cannot discover from the answers alone. After
+layer 1 every image token predicts its own cell (colour, shape, the two frame-code colours);
+after layer 2 it predicts the same cell of the previous image (what ``comparison`` needs); after
+layer 1 every ``?`` predicts the question's last ``QUESTION_SPAN`` tokens (what a retrieval
+query is made of). The weight is ``--aux-weight``; 0 trains on the answers alone, which leaves
+the three image tasks at chance for thousands of steps.
+
 Curriculum: prompts hold 2 images for the first ``--hold`` fraction of the steps, then the
 largest image count grows to ``--max-images`` by the ``--ramp`` fraction; it grows earlier
 whenever the running answer accuracy reaches ``--advance-at``. Each batch has one image count
@@ -31,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from . import haystack as hs
@@ -109,25 +118,113 @@ def batch_for_step(step: int, frontier: int, args) -> list[hs.Sample]:
     ]
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on answer + ``<eos>`` tokens; returns ``(loss, answer-token accuracy)``."""
-    labels = batch["labels"]
-    labelled = (labels != -100).any(0).nonzero()
-    keep = labels.shape[1] - int(labelled[0]) + 1  # logits from just before the first label
+CELL_LAYER = 1  # decoder layer whose output predicts each image token's own cell
+PREVIOUS_LAYER = 2  # ... and the same cell of the previous image
+QUESTION_LAYER = 1  # ... and, at every "?", the question's last QUESTION_SPAN tokens
+QUESTION_SPAN = 7
+_SHAPE_MASKS = torch.stack([torch.from_numpy(hs._MASKS[s]) for s in hs.SHAPES])
+_COLOUR_RGB = torch.tensor(list(hs.COLOURS.values()))
+_FRAME_RGB = torch.tensor(hs.FRAME_LEVELS)
+
+
+def cell_labels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Class labels of every cell, read from pixels (a vectorized ``hs.read_board``).
+
+    ``pixel_values`` (num_images, 3, IMAGE_SIZE, IMAGE_SIZE) normalized; returns a long tensor
+    (num_images, TOKENS_PER_IMAGE, 4): colour (0 empty, 1 + index in ``COLOURS``), shape
+    (0 empty, 1 + index in ``SHAPES``) and the two frame-code colours (indices into
+    ``FRAME_LEVELS``).
+    """
+    n, g, c = pixel_values.shape[0], hs.GRID, hs.CELL
+    img = pixel_values.float() * hs.PIXEL_STD + hs.PIXEL_MEAN
+    cells = img.reshape(n, 3, g, c, g, c).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, 3, c, c)
+    lit = cells.amax(dim=2) > 0.7  # shapes are drawn at 1.0, frames at 0.4
+    match = (lit[:, :, None] == _SHAPE_MASKS).flatten(-2).all(-1)  # (n, cells, shapes)
+    shape = torch.where(match.any(-1), match.int().argmax(-1) + 1, 0)
+    rgb = (cells * lit[:, :, None]).sum((-1, -2)) / lit.sum((-1, -2)).clamp(min=1)[..., None]
+    colour = (rgb[:, :, None] - _COLOUR_RGB).abs().sum(-1).argmin(-1) + 1
+    colour = torch.where(shape > 0, colour, 0)
+    mid = c // 2  # the frame's first colour runs along the top edge, its second along the bottom
+    frames = [
+        (cells[:, :, :, row, mid, None] - _FRAME_RGB.T).abs().sum(2).argmin(-1)
+        for row in (0, c - 1)
+    ]
+    return torch.stack([colour, shape, *frames], dim=-1)
+
+
+class AuxiliaryProbes(nn.Module):
+    """Linear read-outs of decoder hidden states, trained with the model and then discarded.
+
+    ``loss`` takes the decoder's ``hidden_states`` (tuple of (batch, seq, hidden), index 0 the
+    embeddings), the batch's ``input_ids`` (batch, seq), ``pixel_values`` and the number of
+    images of each sample (to find each image's predecessor within its own prompt).
+    """
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        classes = (
+            len(hs.COLOURS) + 1,
+            len(hs.SHAPES) + 1,
+            len(hs.FRAME_LEVELS),
+            len(hs.FRAME_LEVELS),
+        )
+        self.cell = nn.ModuleList(nn.Linear(hidden, k) for k in classes)
+        self.previous = nn.ModuleList(nn.Linear(hidden, k) for k in classes[:2])
+        self.question = nn.ModuleList(nn.Linear(hidden, vocab) for _ in range(QUESTION_SPAN))
+
+    def loss(self, hidden_states, input_ids, pixel_values, images_per_sample) -> torch.Tensor:
+        labels = cell_labels(pixel_values)  # (images, cells, 4), images in batch order
+        first = torch.zeros(len(labels), dtype=torch.bool)
+        first[torch.tensor(images_per_sample).cumsum(0)[:-1]] = True
+        first[0] = True
+        previous = torch.roll(labels[:, :, :2], 1, dims=0).masked_fill(first[:, None, None], -100)
+        labels, previous = labels.flatten(0, 1), previous.flatten(0, 1)
+        is_image = input_ids == hs.IMAGE_TOKEN_ID  # row-major order == batch order of images
+        h_cell = hidden_states[CELL_LAYER][is_image]
+        h_prev = hidden_states[PREVIOUS_LAYER][is_image]
+        total = sum(F.cross_entropy(head(h_cell), labels[:, i]) for i, head in enumerate(self.cell))
+        total = total + sum(
+            F.cross_entropy(head(h_prev), previous[:, i], ignore_index=-100)
+            for i, head in enumerate(self.previous)
+        )
+        rows, cols = (input_ids == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
+        h_q = hidden_states[QUESTION_LAYER][rows, cols]
+        for offset, head in enumerate(self.question, start=1):
+            target = input_ids[rows, (cols - offset).clamp(min=0)]
+            total = total + 0.5 * F.cross_entropy(head(h_q), target)
+        return total
+
+
+def training_loss(model, probes: AuxiliaryProbes | None, batch, images_per_sample):
+    """``(answer loss, auxiliary loss, answer-token accuracy)`` of one batch.
+
+    The answer loss is the cross-entropy on answer + ``<eos>`` tokens, averaged per prompt and
+    then over prompts (the accuracy too); the auxiliary loss is zero without ``probes``.
+    """
     mask = batch["attention_mask"]
     out = model(
         input_ids=batch["input_ids"],
         pixel_values=batch["pixel_values"],
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        logits_to_keep=keep,
+        output_hidden_states=probes is not None,
     )
-    logits = out.logits[:, :-1].float()
-    target = labels[:, -(keep - 1) :]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-    answer = (target != -100) & (target != hs.EOS_TOKEN_ID)
-    right = (logits.argmax(-1) == target) & answer
-    return loss, right.sum() / answer.sum().clamp(min=1)
+    labels = batch["labels"]
+    logits, target = out.logits[:, :-1].float(), labels[:, 1:]
+    labelled = target != -100
+    # every prompt weighs the same, however many questions it carries: otherwise the tasks
+    # with many follow-ups (image_needle) drown the single-question ones (text_needle)
+    per_row = labelled.sum(1, keepdim=True).clamp(min=1)
+    weight = (labelled / per_row)[labelled] / labels.shape[0]
+    loss = (F.cross_entropy(logits[labelled], target[labelled], reduction="none") * weight).sum()
+    answer = labelled & (target != hs.EOS_TOKEN_ID)
+    right = ((logits.argmax(-1) == target) & answer).sum(1) / answer.sum(1).clamp(min=1)
+    aux = torch.zeros(())
+    if probes is not None:
+        aux = probes.loss(
+            out.hidden_states, batch["input_ids"], batch["pixel_values"], images_per_sample
+        )
+    return loss, aux, right.mean()
 
 
 @torch.no_grad()
@@ -183,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "--advance-at", type=float, default=0.85, help="train accuracy that grows the prompts"
     )
     p.add_argument("--questions", type=int, default=8, help="questions per training prompt")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="auxiliary probe loss weight")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--hidden", type=int, default=128)
@@ -207,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     config = build_config(hidden=args.hidden, layers=args.layers)
     model = LlavaForConditionalGeneration(config)
     model.config.use_cache = True
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    text = config.text_config
+    probes = AuxiliaryProbes(text.hidden_size, text.vocab_size) if args.aux_weight > 0 else None
+    params = [*model.parameters(), *(probes.parameters() if probes is not None else ())]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -220,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     if state_path.exists() and not args.fresh:
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
+        if probes is not None:
+            probes.load_state_dict(state["probes"])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         frontier, ema_loss, ema_acc = state["frontier"], state["ema_loss"], state["ema_acc"]
@@ -231,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(
             {
                 "model": model.state_dict(),
+                "probes": probes.state_dict() if probes is not None else None,
                 "opt": opt.state_dict(),
                 "step": step,
                 "elapsed": elapsed,
@@ -257,9 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         batch = hs.collate(samples, with_answers=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss, right = answer_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss, aux, right = training_loss(model, probes, batch, [s.num_images for s in samples])
+        (loss + args.aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         acc = right.item()
@@ -269,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             frontier=frontier,
             imgs=samples[0].num_images,
             loss=f"{ema_loss:.3f}",
+            aux=f"{aux.item():.2f}",
             acc=f"{ema_acc:.2f}",
         )
         if (step + 1) % args.save_every == 0 or step + 1 == end:

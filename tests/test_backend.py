@@ -224,6 +224,10 @@ def test_bad_input_errors():
     embeds = torch.randn(1, 40, 64)
     with pytest.raises(ValueError, match="needs input_ids"):
         model(inputs_embeds=embeds)
+    if model.csp_backend.cache_arg == "cache":  # transformers >= 5.24 renamed past_key_values
+        cache = model.csp_backend.new_cache()
+        with pytest.raises(TypeError, match="got both 'cache' and 'past_key_values'"):
+            model(**prompt([5, 5]), cache=cache, past_key_values=cache)
     csp_inductor.restore(model)
     with pytest.raises(ValueError, match="not compiled"):
         csp_inductor.restore(model)

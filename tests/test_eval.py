@@ -28,7 +28,9 @@ def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
          "--json", str(out), "--plot", str(png)]
     )  # fmt: skip
     assert code == 0
-    results = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    assert report["config"]["model"] == "builtin"  # no install path in committed results
+    results = report["results"]
     runs = {(r["policy"], r["budget"]) for r in results}
     assert runs == {("full", 1.0), ("csp", 0.1), ("csp", 0.2), ("snapkv", 0.1), ("snapkv", 0.2)}
     for r in results:

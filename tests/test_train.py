@@ -1,0 +1,135 @@
+"""Training of the built-in model: pixel labels, auxiliary probes, loss, resumable runs."""
+
+import json
+
+import pytest
+import torch
+
+from csp_inductor import haystack as hs
+from csp_inductor import train
+
+
+def _names(sample: hs.Sample) -> list[str]:
+    words = sample.prompt.split()
+    starts = [i for i, w in enumerate(words[:-3]) if w == "image" and words[i + 3] == "<image>"]
+    return [" ".join(words[i + 1 : i + 3]) for i in starts]
+
+
+@pytest.mark.parametrize("task", hs.TASKS)
+def test_cell_labels_match_read_board_and_frame_codes(task):
+    s = hs.make_sample(task, 3, num_images=6, fill=0.7)
+    labels = train.cell_labels(s.pixel_values)
+    assert labels.shape == (6, hs.TOKENS_PER_IMAGE, 4) and labels.dtype == torch.long
+    for k, (pixels, name) in enumerate(zip(s.pixel_values, _names(s), strict=True)):
+        for c, cell in enumerate(hs.read_board(pixels)):
+            want = (
+                (0, 0)
+                if cell is None
+                else (
+                    list(hs.COLOURS).index(cell[0]) + 1,
+                    hs.SHAPES.index(cell[1]) + 1,
+                )
+            )
+            assert tuple(labels[k, c, :2].tolist()) == want, (k, c, cell)
+            assert tuple(labels[k, c, 2:].tolist()) == hs.frame_code(name)
+
+
+def _tiny_batch(tasks=hs.TASKS, num_images=3):
+    samples = [
+        hs.make_sample(t, i, num_images=num_images + i, num_questions=3)
+        for i, t in enumerate(tasks)
+    ]
+    return samples, hs.collate(samples, with_answers=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = train.build_config(hidden=32, layers=3)
+    model = LlavaForConditionalGeneration(config)
+    probes = train.AuxiliaryProbes(32, len(hs.VOCAB))
+    return model, probes
+
+
+def test_auxiliary_loss_trains_every_probe_and_reaches_the_vision_tower(tiny):
+    model, probes = tiny
+    samples, batch = _tiny_batch()
+    loss, aux, acc = train.training_loss(model, probes, batch, [s.num_images for s in samples])
+    assert loss.ndim == aux.ndim == 0 and torch.isfinite(loss) and torch.isfinite(aux)
+    assert 0.0 <= float(acc) <= 1.0
+    aux.backward()  # the auxiliary loss alone
+    for name, p in probes.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    reached = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert "model.vision_tower.embeddings.patch_embedding.weight" in reached
+    assert any(n.startswith("model.multi_modal_projector.") for n in reached)
+    assert any(n.startswith("model.language_model.layers.0.") for n in reached)
+    # probes read layers 1 and 2 only: deeper layers are shaped by the answers alone
+    assert not any(n.startswith("model.language_model.layers.2.") for n in reached)
+    model.zero_grad(set_to_none=True)
+    probes.zero_grad(set_to_none=True)
+
+
+def test_previous_cell_targets_never_cross_samples(tiny, monkeypatch):
+    """The first image of each prompt has no predecessor: its previous-cell loss is masked."""
+    model, probes = tiny
+    samples, batch = _tiny_batch(tasks=("comparison", "comparison"), num_images=2)
+    seen = []
+    real = torch.nn.functional.cross_entropy
+
+    def spy(input, target, *args, **kwargs):
+        if kwargs.get("ignore_index") == -100:
+            seen.append(target.clone())
+        return real(input, target, *args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", spy)
+    with torch.no_grad():
+        train.training_loss(model, probes, batch, [s.num_images for s in samples])
+    assert len(seen) == 2  # previous colour, previous shape
+    per_image = seen[0].view(-1, hs.TOKENS_PER_IMAGE)
+    firsts = [0, samples[0].num_images]
+    for k in range(len(per_image)):
+        assert (per_image[k] == -100).all() == (k in firsts), k
+    labels = train.cell_labels(batch["pixel_values"])
+    assert torch.equal(per_image[1], labels[0, :, 0])  # image 1 predicts image 0's colours
+
+
+def test_answer_loss_weighs_every_prompt_the_same(tiny):
+    model, _ = tiny
+    samples, batch = _tiny_batch()
+    with torch.no_grad():
+        loss, aux, _ = train.training_loss(model, None, batch, [s.num_images for s in samples])
+        logits = model(
+            **{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")},
+            position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+        ).logits
+    target = batch["labels"][:, 1:]
+    per_prompt = [
+        torch.nn.functional.cross_entropy(row_logits[row != -100], row[row != -100])
+        for row_logits, row in zip(logits[:, :-1], target, strict=True)
+    ]
+    assert len({int((row != -100).sum()) for row in target}) > 1  # the weighting matters
+    torch.testing.assert_close(loss, torch.stack(per_prompt).mean())
+    assert float(aux) == 0.0
+
+
+@pytest.mark.slow
+def test_training_run_resumes_and_exports(tmp_path):
+    """Two steps, then two more from the checkpoint, then an offline-loadable export."""
+    common = [
+        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+        "--hidden", "32", "--layers", "2", "--batch-tokens", "512", "--eval-n", "4",
+        "--save-every", "1",
+    ]  # fmt: skip
+    train.main([*common, "--steps", "2"])
+    state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and state["probes"] is not None
+    train.main([*common, "--steps", "4"])
+    state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
+    assert state["step"] == 4
+    report = json.loads((tmp_path / "work" / "eval.json").read_text())
+    assert report["step"] == 4 and set(report["accuracy"]) == {*hs.TASKS, "all"}
+    model = hs.load_builtin_model(tmp_path / "out")
+    assert not any("probe" in n for n, _ in model.named_parameters())
