@@ -211,31 +211,41 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str, task: str = "all") -> None:
-    """Accuracy vs budget, one line per policy (``full`` as a horizontal line)."""
+def plot(results: list[dict], path: str) -> None:
+    """Accuracy vs budget, one panel per task (and ``all``), one line per policy; ``full`` is a
+    dashed horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results if r["task"] == task]
-    budgets = sorted({r["budget"] for r in rows if r["policy"] != "full"})
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["budget"], r["accuracy"]) for r in rows if r["policy"] == policy)
-        if policy == "full":
-            ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="full cache")
-            continue
-        ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
-    ax.set_xscale("log")
-    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-    ax.set_xlabel("KV budget (fraction of the prompt kept)")
-    ax.set_ylabel(f"accuracy ({task})")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    budgets = sorted({r["budget"] for r in results if r["policy"] != "full"})
+    cols = min(3, len(tasks))
+    rows_n = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        rows = [r for r in results if r["task"] == task]
+        for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
+            pts = sorted((r["budget"], r["accuracy"]) for r in rows if r["policy"] == policy)
+            if policy == "full":
+                ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="full cache")
+            else:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=policy)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("KV budget (fraction of the prompt kept)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(tasks) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="milebench: the directory holding the datasets")
     p.add_argument("--datasets", default="", help="milebench: comma-separated dataset names")
     p.add_argument("--json", help="write {'results': [...]} here")
-    p.add_argument("--plot", help="write a PNG of accuracy vs budget here")
+    p.add_argument("--plot", help="write a PNG of accuracy vs budget (a panel per task) here")
     args = p.parse_args(argv)
     specs = [PolicySpec.parse(s) for s in args.policies.split(",") if s.strip()]
     budgets = [float(b) for b in args.budgets.split(",")]

@@ -179,6 +179,9 @@ class Sample:
     the answer is read from (for analysis: a pruned cache that drops them cannot answer).
     ``followups`` extra ``(question_ids, answer_ids)`` pairs about the same context, asked after
     the first answer (training only: more supervision per prompt; empty by default).
+    ``focus`` (1 + len(followups),) for each question, the one prompt position its answer is
+    read from: the needle cell, the passkey's value, the named image's cell, the changed cell of
+    the second image (training supervises retrieval with it; -1: unknown).
     """
 
     task: str
@@ -189,6 +192,7 @@ class Sample:
     evidence: torch.Tensor
     prompt: str = field(repr=False, default="")
     followups: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=list)
+    focus: torch.Tensor = field(repr=False, default_factory=lambda: torch.tensor([-1]))
 
     @property
     def num_images(self) -> int:
@@ -358,6 +362,10 @@ def make_sample(
         words.extend(["image", *names[k].split()] + ["<image>"] * TOKENS_PER_IMAGE)
     emit_facts(num_images)
 
+    focus = [
+        image_pos[cells[-1][0]] + cells[-1][1] if cells else fact_pos[facts_[0]] + 2
+        for _, _, cells, facts_ in questions
+    ]
     first_q, first_a, cells, fact_ids = questions[0]
     evidence = [name_pos[k] + j for k, _ in cells for j in (0, 1)]
     evidence += [image_pos[k] + c for k, c in cells]
@@ -379,6 +387,7 @@ def make_sample(
             (torch.tensor(_encode(q), dtype=torch.long), torch.tensor(_encode(a)))
             for q, a, _, _ in questions[1:]
         ],
+        focus=torch.tensor(focus, dtype=torch.long),
     )
 
 

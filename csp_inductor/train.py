@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+from transformers.models.llama.modeling_llama import rotate_half
 
 from . import haystack as hs
 
@@ -122,6 +123,7 @@ CELL_LAYER = 1  # decoder layer whose output predicts each image token's own cel
 PREVIOUS_LAYER = 2  # ... and the same cell of the previous image
 QUESTION_LAYER = 1  # ... and, at every "?", the question's last QUESTION_SPAN tokens
 QUESTION_SPAN = 7
+RETRIEVAL_LAYER = 2  # one head of this layer is taught to attend from "?" to the needle
 _SHAPE_MASKS = torch.stack([torch.from_numpy(hs._MASKS[s]) for s in hs.SHAPES])
 _COLOUR_RGB = torch.tensor(list(hs.COLOURS.values()))
 _FRAME_RGB = torch.tensor(hs.FRAME_LEVELS)
@@ -195,7 +197,33 @@ class AuxiliaryProbes(nn.Module):
         return total
 
 
-def training_loss(model, probes: AuxiliaryProbes | None, batch, images_per_sample):
+def retrieval_loss(model, hidden_states, batch, samples: list[hs.Sample]) -> torch.Tensor:
+    """Cross-entropy of one attention head's distribution at every ``?`` against its question's
+    ``focus`` position (the needle the answer is read from).
+
+    The head is query head 0 (KV head 0) of decoder layer ``RETRIEVAL_LAYER``, recomputed from
+    that layer's input exactly as the model computes it (norm, projections, RoPE at the batch's
+    positions, causal and padding masks), so the supervision shapes the model's own retrieval.
+    """
+    text = model.model.language_model
+    attn = text.layers[RETRIEVAL_LAYER].self_attn
+    h = text.layers[RETRIEVAL_LAYER].input_layernorm(hidden_states[RETRIEVAL_LAYER])
+    mask = batch["attention_mask"]
+    cos, sin = text.rotary_emb(h, (mask.cumsum(-1) - 1).clamp(min=0))
+    rows, cols = (batch["input_ids"] == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
+    padding = (mask == 0).sum(1)
+    target = torch.cat([s.focus for s in samples]) + padding[rows]
+    d = attn.head_dim
+    q, k = attn.q_proj(h[rows, cols])[:, :d], attn.k_proj(h)[..., :d]
+    q = q * cos[rows, cols] + rotate_half(q) * sin[rows, cols]
+    k = k * cos + rotate_half(k) * sin
+    logits = torch.einsum("nd,nld->nl", q, k[rows]) * attn.scaling
+    positions = torch.arange(h.shape[1])
+    allowed = (positions <= cols[:, None]) & mask[rows].bool()
+    return F.cross_entropy(logits.masked_fill(~allowed, -math.inf), target)
+
+
+def training_loss(model, probes: AuxiliaryProbes | None, batch, samples: list[hs.Sample]):
     """``(answer loss, auxiliary loss, answer-token accuracy)`` of one batch.
 
     The answer loss is the cross-entropy on answer + ``<eos>`` tokens, averaged per prompt and
@@ -221,9 +249,10 @@ def training_loss(model, probes: AuxiliaryProbes | None, batch, images_per_sampl
     right = ((logits.argmax(-1) == target) & answer).sum(1) / answer.sum(1).clamp(min=1)
     aux = torch.zeros(())
     if probes is not None:
+        images_per_sample = [s.num_images for s in samples]
         aux = probes.loss(
             out.hidden_states, batch["input_ids"], batch["pixel_values"], images_per_sample
-        )
+        ) + retrieval_loss(model, out.hidden_states, batch, samples)
     return loss, aux, right.mean()
 
 
@@ -271,11 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "tiny_llava")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-tokens", type=int, default=4096, help="prompt tokens per batch")
     p.add_argument("--max-images", type=int, default=40)
-    p.add_argument("--hold", type=float, default=0.3, help="fraction of steps at 2 images")
-    p.add_argument("--ramp", type=float, default=0.75, help="fraction of steps to reach max")
+    p.add_argument("--hold", type=float, default=0.35, help="fraction of steps at 2 images")
+    p.add_argument("--ramp", type=float, default=0.8, help="fraction of steps to reach max")
     p.add_argument(
         "--advance-at", type=float, default=0.85, help="train accuracy that grows the prompts"
     )
@@ -294,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         "--export-only", action="store_true", help="save + evaluate the checkpoint, no training"
     )
     args = p.parse_args(argv)
+    if args.aux_weight > 0 and args.layers <= RETRIEVAL_LAYER:
+        p.error(
+            f"--layers {args.layers}: the auxiliary losses read decoder layer {RETRIEVAL_LAYER}, "
+            f"so --layers must be >= {RETRIEVAL_LAYER + 1} (or --aux-weight 0)"
+        )
 
     from transformers import LlavaForConditionalGeneration
 
@@ -361,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = hs.collate(samples, with_answers=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss, aux, right = training_loss(model, probes, batch, [s.num_images for s in samples])
+        loss, aux, right = training_loss(model, probes, batch, samples)
         (loss + args.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -199,3 +199,32 @@ def test_followup_questions_are_answerable_and_labelled(task):
     for _, a in s.followups:
         expected += [*a.tolist(), hs.EOS_TOKEN_ID]
     assert labelled == expected
+
+
+@pytest.mark.parametrize("task", hs.TASKS)
+def test_focus_is_where_each_answer_is_read_from(task):
+    """Every question's ``focus`` holds its answer: the passkey's value token, or an image cell
+    whose pixels show the asked object / the colour asked for / the new object."""
+    s = hs.make_sample(task, 21, num_images=12, num_questions=4)
+    answers = [s.answer] + [hs.decode(a) for _, a in s.followups]
+    assert len(s.focus) == len(answers) == 1 + len(s.followups)
+    boards = [hs.read_board(p) for p in s.pixel_values]
+    image_rank = s.is_image.long().cumsum(0) - 1  # index among image tokens
+    words = s.prompt.split()
+    names = [" ".join(words[i - 2 : i]) for i in range(2, len(words)) if words[i] == "<image>"]
+    names = names[:: hs.TOKENS_PER_IMAGE]
+    for pos, answer in zip(s.focus.tolist(), answers, strict=True):
+        if task == "text_needle":
+            assert hs.VOCAB[s.input_ids[pos]] == answer
+            continue
+        assert s.is_image[pos]
+        image, cell = divmod(int(image_rank[pos]), hs.TOKENS_PER_IMAGE)
+        content = boards[image][cell]
+        if task == "image_needle":  # the image holding the object is the one answered
+            assert names[image] == answer and content is not None
+            if pos == s.focus[0]:
+                assert tuple(s.prompt.split()[-3:-1]) == content
+        elif task == "cross_modal":
+            assert content is not None and content[0] == answer
+        else:  # comparison: the second image's cell, different from the first image's
+            assert " ".join(content) == answer and boards[image - 1][cell] != content

@@ -56,7 +56,7 @@ def tiny():
 def test_auxiliary_loss_trains_every_probe_and_reaches_the_vision_tower(tiny):
     model, probes = tiny
     samples, batch = _tiny_batch()
-    loss, aux, acc = train.training_loss(model, probes, batch, [s.num_images for s in samples])
+    loss, aux, acc = train.training_loss(model, probes, batch, samples)
     assert loss.ndim == aux.ndim == 0 and torch.isfinite(loss) and torch.isfinite(aux)
     assert 0.0 <= float(acc) <= 1.0
     aux.backward()  # the auxiliary loss alone
@@ -66,8 +66,12 @@ def test_auxiliary_loss_trains_every_probe_and_reaches_the_vision_tower(tiny):
     assert "model.vision_tower.embeddings.patch_embedding.weight" in reached
     assert any(n.startswith("model.multi_modal_projector.") for n in reached)
     assert any(n.startswith("model.language_model.layers.0.") for n in reached)
-    # probes read layers 1 and 2 only: deeper layers are shaped by the answers alone
-    assert not any(n.startswith("model.language_model.layers.2.") for n in reached)
+    # the probes read the outputs of layers 0 and 1; the retrieval loss reaches layer 2's
+    # queries and keys, never its values or MLP: what is read out is shaped by the answers
+    layer2 = {n.removeprefix("model.language_model.layers.2.") for n in reached if ".2." in n}
+    assert layer2 == {
+        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight"
+    }  # fmt: skip
     model.zero_grad(set_to_none=True)
     probes.zero_grad(set_to_none=True)
 
@@ -86,7 +90,7 @@ def test_previous_cell_targets_never_cross_samples(tiny, monkeypatch):
 
     monkeypatch.setattr(train.F, "cross_entropy", spy)
     with torch.no_grad():
-        train.training_loss(model, probes, batch, [s.num_images for s in samples])
+        train.training_loss(model, probes, batch, samples)
     assert len(seen) == 2  # previous colour, previous shape
     per_image = seen[0].view(-1, hs.TOKENS_PER_IMAGE)
     firsts = [0, samples[0].num_images]
@@ -100,7 +104,7 @@ def test_answer_loss_weighs_every_prompt_the_same(tiny):
     model, _ = tiny
     samples, batch = _tiny_batch()
     with torch.no_grad():
-        loss, aux, _ = train.training_loss(model, None, batch, [s.num_images for s in samples])
+        loss, aux, _ = train.training_loss(model, None, batch, samples)
         logits = model(
             **{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")},
             position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
@@ -120,7 +124,7 @@ def test_training_run_resumes_and_exports(tmp_path):
     """Two steps, then two more from the checkpoint, then an offline-loadable export."""
     common = [
         "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-        "--hidden", "32", "--layers", "2", "--batch-tokens", "512", "--eval-n", "4",
+        "--hidden", "32", "--layers", "3", "--batch-tokens", "512", "--eval-n", "4",
         "--save-every", "1",
     ]  # fmt: skip
     train.main([*common, "--steps", "2"])
@@ -133,3 +137,33 @@ def test_training_run_resumes_and_exports(tmp_path):
     assert report["step"] == 4 and set(report["accuracy"]) == {*hs.TASKS, "all"}
     model = hs.load_builtin_model(tmp_path / "out")
     assert not any("probe" in n for n, _ in model.named_parameters())
+
+
+def test_retrieval_loss_supervises_the_models_own_attention_head(tiny):
+    """The loss's distribution is the model's layer-RETRIEVAL_LAYER head-0 attention at each
+    "?", and its target is the question's focus (left padding included)."""
+    model, _ = tiny
+    samples, batch = _tiny_batch()
+    model.set_attn_implementation("eager")
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=True, output_attentions=True,
+        )  # fmt: skip
+        loss = train.retrieval_loss(model, out.hidden_states, batch, samples)
+    rows, cols = (batch["input_ids"] == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
+    probs = out.attentions[train.RETRIEVAL_LAYER][rows, 0, cols]  # (questions, keys)
+    target = torch.cat([s.focus for s in samples]) + (mask == 0).sum(1)[rows]
+    want = -probs[torch.arange(len(rows)), target].log().mean()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    # every target is a prompt position of its own row, before its "?"
+    assert (target < cols).all() and mask[rows, target].all()
+    assert len(rows) == sum(len(s.focus) for s in samples)
+
+
+def test_too_few_layers_for_the_auxiliary_losses_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--layers", "2", "--steps", "1"])
+    assert "--layers must be >= 3" in capsys.readouterr().err
