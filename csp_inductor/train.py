@@ -197,9 +197,25 @@ class AuxiliaryProbes(nn.Module):
         return total
 
 
+def retrieval_queries(input_ids: torch.Tensor, samples: list[hs.Sample]):
+    """Where retrieval is supervised: every ``?`` (it predicts the first answer token) and, for
+    two-token answers, the first answer token too (it predicts the second, which needs the
+    needle again). Returns ``(rows, cols, focus)``, ``focus`` unpadded prompt positions."""
+    rows, cols = (input_ids == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
+    focus = torch.cat([s.focus for s in samples])
+    answers = [len(a) for s in samples for a in (s.answer_ids, *(a for _, a in s.followups))]
+    longer = torch.tensor(answers) > 1
+    return (
+        torch.cat([rows, rows[longer]]),
+        torch.cat([cols, cols[longer] + 1]),
+        torch.cat([focus, focus[longer]]),
+    )
+
+
 def retrieval_loss(model, hidden_states, batch, samples: list[hs.Sample]) -> torch.Tensor:
-    """Cross-entropy of one attention head's distribution at every ``?`` against its question's
-    ``focus`` position (the needle the answer is read from).
+    """Cross-entropy of one attention head's distribution at every query of
+    :func:`retrieval_queries` against its question's ``focus`` position (the needle the answer
+    is read from).
 
     The head is query head 0 (KV head 0) of decoder layer ``RETRIEVAL_LAYER``, recomputed from
     that layer's input exactly as the model computes it (norm, projections, RoPE at the batch's
@@ -210,9 +226,8 @@ def retrieval_loss(model, hidden_states, batch, samples: list[hs.Sample]) -> tor
     h = text.layers[RETRIEVAL_LAYER].input_layernorm(hidden_states[RETRIEVAL_LAYER])
     mask = batch["attention_mask"]
     cos, sin = text.rotary_emb(h, (mask.cumsum(-1) - 1).clamp(min=0))
-    rows, cols = (batch["input_ids"] == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
-    padding = (mask == 0).sum(1)
-    target = torch.cat([s.focus for s in samples]) + padding[rows]
+    rows, cols, focus = retrieval_queries(batch["input_ids"], samples)
+    target = focus + (mask == 0).sum(1)[rows]
     d = attn.head_dim
     q, k = attn.q_proj(h[rows, cols])[:, :d], attn.k_proj(h)[..., :d]
     q = q * cos[rows, cols] + rotate_half(q) * sin[rows, cols]

@@ -153,14 +153,21 @@ def test_retrieval_loss_supervises_the_models_own_attention_head(tiny):
             output_hidden_states=True, output_attentions=True,
         )  # fmt: skip
         loss = train.retrieval_loss(model, out.hidden_states, batch, samples)
-    rows, cols = (batch["input_ids"] == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
-    probs = out.attentions[train.RETRIEVAL_LAYER][rows, 0, cols]  # (questions, keys)
-    target = torch.cat([s.focus for s in samples]) + (mask == 0).sum(1)[rows]
+    rows, cols, focus = train.retrieval_queries(batch["input_ids"], samples)
+    probs = out.attentions[train.RETRIEVAL_LAYER][rows, 0, cols]  # (queries, keys)
+    target = focus + (mask == 0).sum(1)[rows]
+    ids = batch["input_ids"][rows, cols]
+    questions = int((ids == hs.TOKEN_TO_ID["?"]).sum())
+    assert questions == sum(len(s.focus) for s in samples)
+    # the other queries are first answer tokens of two-token answers (name, colour + shape)
+    assert len(rows) - questions == sum(
+        len(a) == 2 for s in samples for a in (s.answer_ids, *(a for _, a in s.followups))
+    )
+    assert len(rows) > questions
     want = -probs[torch.arange(len(rows)), target].log().mean()
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     # every target is a prompt position of its own row, before its "?"
     assert (target < cols).all() and mask[rows, target].all()
-    assert len(rows) == sum(len(s.focus) for s in samples)
 
 
 def test_too_few_layers_for_the_auxiliary_losses_is_a_clear_error(capsys):
