@@ -8,13 +8,21 @@ curriculum frontier, and the model/optimizer/curriculum state is checkpointed to
 continues from there (``--export-only`` writes the latest checkpoint to ``--out`` and
 evaluates it, e.g. while a run is still going).
 
-Auxiliary probes (training only, discarded at export): linear read-outs of the decoder's hidden
-states get direct targets that a short CPU run cannot discover from the answers alone. After
-layer 1 every image token predicts its own cell (colour, shape, the two frame-code colours);
-after layer 2 it predicts the same cell of the previous image (what ``comparison`` needs); after
-layer 1 every ``?`` predicts the question's last ``QUESTION_SPAN`` tokens (what a retrieval
-query is made of). The weight is ``--aux-weight``; 0 trains on the answers alone, which leaves
-the three image tasks at chance for thousands of steps.
+Auxiliary losses (training only; the probes are discarded at export) give the decoder direct
+targets that a short CPU run does not discover from the answers alone:
+
+* probes, linear read-outs of hidden states: after layer 1 every image token predicts its own
+  cell (colour, shape, the two frame-code colours) and every ``?`` the question's last
+  ``QUESTION_SPAN`` tokens; after layer 2 every image token predicts the same cell of the
+  previous image (what ``comparison`` needs);
+* supervised retrieval: head 0 of layer ``RETRIEVAL_LAYER`` is trained to attend from each
+  ``?`` (and from the first token of a two-token answer) to the question's ``focus``, the
+  prompt position the answer is read from.
+
+Their weight is ``--aux-weight``; 0 trains on the answers alone. Measured: answers alone (6000
+steps) left the three image tasks at chance on the held-out split; probes alone left them near
+chance on 2-image prompts after 2800 steps; with supervised retrieval, two of them passed 60%
+on 2-image prompts within 900 steps.
 
 Curriculum: prompts hold 2 images for the first ``--hold`` fraction of the steps, then the
 largest image count grows to ``--max-images`` by the ``--ramp`` fraction; it grows earlier

@@ -61,19 +61,31 @@ def test_tokenizer_and_processor_load_offline():
         torch.testing.assert_close(out["pixel_values"], s.pixel_values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped checkpoint is not trained to the 85% target yet (see README); "
-    "strict: this turns into a failure once it is, so the marker must then be removed",
-)
-def test_full_cache_accuracy_on_held_out_sample(model):
+# Tasks the shipped checkpoint answers below the target (README, "Quality"): strict, so a
+# better checkpoint turns them into failures until it is listed here no more.
+SHORT_OF_TARGET = {"image_needle"}
+
+
+@pytest.fixture(scope="module")
+def held_out_accuracy(model):
     samples = hs.make_split("test", PER_TASK * len(hs.TASKS), seed=1234)
     start = time.perf_counter()
     acc = evaluate(model, samples, batch_size=16)
-    seconds = time.perf_counter() - start
-    print(f"full-cache accuracy {acc} in {seconds:.1f}s")
-    for task in hs.TASKS:
-        assert acc[task] >= 0.85, (task, acc)
+    print(f"full-cache accuracy {acc} in {time.perf_counter() - start:.1f}s")
+    return acc
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="below target, see README"))
+        if t in SHORT_OF_TARGET
+        else t
+        for t in hs.TASKS
+    ],
+)
+def test_full_cache_accuracy_on_held_out_sample(held_out_accuracy, task):
+    assert held_out_accuracy[task] >= 0.85, held_out_accuracy
 
 
 def test_left_padding_does_not_change_answers(model):
