@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,18 +77,43 @@ class RunStats:
 
 
 def run_haystack(
-    model, samples: list[hs.Sample], policy: Policy, *, batch_size: int = 8, compiled=False
+    model,
+    samples: list[hs.Sample],
+    policy: Policy,
+    *,
+    batch_size: int = 8,
+    compiled=False,
+    question_after: bool = False,
 ) -> RunStats:
-    """Greedy answers of ``model`` under ``policy`` for ``samples`` (batched, left-padded)."""
+    """Greedy answers of ``model`` under ``policy`` for ``samples`` (batched, left-padded).
+
+    ``question_after``: prefill (and prune) the context alone, then feed the question and
+    decode, so pruning cannot see the question and every answer token reads the pruned cache.
+    By default the question is part of the prompt: the first answer token then comes from the
+    (never pruned) prefill and only later tokens read the pruned cache.
+    """
     compile_model(model, policy, compile=compiled)
     backend = model.csp_backend
     stats = RunStats(correct=[None] * len(samples))
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    # with question_after, a batch holds one task: its questions have one length
+    order = sorted(
+        range(len(samples)),
+        key=lambda i: (samples[i].task if question_after else "", len(samples[i].input_ids)),
+    )
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if question_after:
+        chunks = [
+            [i for i in chunk if samples[i].task == task]
+            for chunk in chunks
+            for task in dict.fromkeys(samples[i].task for i in chunk)
+        ]
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in chunks:
             batch = hs.collate([samples[i] for i in chunk])
-            new = _generate(model, batch, max_new_tokens=4)
+            if question_after:
+                new = _generate_after_context(model, [samples[i] for i in chunk], 4)
+            else:
+                new = _generate(model, batch, max_new_tokens=4)
             cache = backend.cache
             stats.kv_bytes += cache.nbytes()
             real = int(batch["attention_mask"].sum(dim=1).max())
@@ -111,6 +136,40 @@ def _generate(model, batch, *, max_new_tokens: int, min_new_tokens: int = 0):
         eos_token_id=hs.EOS_TOKEN_ID,
     )
     return out[:, batch["input_ids"].shape[1] :]
+
+
+@torch.no_grad()
+def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int):
+    """Prefill the prompts without their (equally long) questions, then generate after them."""
+    q = {question_length(s) for s in samples}
+    if len(q) != 1:
+        raise ValueError(f"questions of one batch must have one length, got {sorted(q)}")
+    q = q.pop()
+    context = hs.collate([replace(s, input_ids=s.input_ids[:-q]) for s in samples])
+    mask = context["attention_mask"]
+    backend = model.csp_backend
+    cache = backend.new_cache(decode_capacity=q + max_new_tokens)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate numbers them
+    model(**context, position_ids=positions, **{backend.cache_arg: cache})
+    ids = torch.cat([context["input_ids"], torch.stack([s.input_ids[-q:] for s in samples])], 1)
+    mask = torch.cat([mask, mask.new_ones(len(samples), q)], 1)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=hs.PAD_TOKEN_ID,
+        eos_token_id=hs.EOS_TOKEN_ID,
+        **{backend.cache_arg: cache},
+    )
+    return out[:, ids.shape[1] :]
+
+
+def question_length(sample: hs.Sample) -> int:
+    """Tokens of the trailing question (from its "which"/"what" to the "?")."""
+    ids = sample.input_ids.tolist()
+    starts = (hs.TOKEN_TO_ID["which"], hs.TOKEN_TO_ID["what"])
+    return len(ids) - max(i for i, t in enumerate(ids) if t in starts)
 
 
 def decode_speed(model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled=False):
@@ -143,14 +202,16 @@ def evaluate_haystack(
     tasks: tuple[str, ...] = hs.TASKS,
     batch_size: int = 8,
     compiled: bool = False,
+    question_after: bool = False,
 ) -> list[dict]:
     data = hs.make_split("test", samples * len(tasks), seed=seed, tasks=tasks)
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     results = []
     for spec, budget in tqdm(jobs, desc="eval", unit="run"):
         stats = run_haystack(
-            model, data, spec.build(budget), batch_size=batch_size, compiled=compiled
-        )
+            model, data, spec.build(budget), batch_size=batch_size, compiled=compiled,
+            question_after=question_after,
+        )  # fmt: skip
         for task in tasks:
             hits = [c for c, s in zip(stats.correct, data, strict=True) if s.task == task]
             results.append(_row(spec, budget, task, sum(hits) / len(hits), len(hits), stats))
@@ -260,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(hs.TASKS), help="visualhaystack tasks")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    p.add_argument(
+        "--question-after",
+        action="store_true",
+        help="visualhaystack: prune the context before the question is seen, then ask it",
+    )
     p.add_argument("--data-dir", help="milebench: the directory holding the datasets")
     p.add_argument("--datasets", default="", help="milebench: comma-separated dataset names")
     p.add_argument("--json", help="write {'results': [...]} here")
@@ -285,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--tasks: unknown {sorted(unknown)}; known: {list(hs.TASKS)}")
         results = evaluate_haystack(
             model, specs, budgets, samples=args.samples, seed=args.seed, tasks=tasks,
-            batch_size=args.batch_size, compiled=args.compile,
+            batch_size=args.batch_size, compiled=args.compile, question_after=args.question_after,
         )  # fmt: skip
     print(format_table(results))
     if args.json:

@@ -50,3 +50,19 @@ def test_cli_usage_errors(capsys):
     assert main([]) == 2
     with pytest.raises(SystemExit):
         main(["eval", "--budgets", "0,0.2"])
+
+
+def test_question_after_context_keeps_full_cache_answers():
+    """Asking after the prefilled context changes nothing with a full cache (the oracle for the
+    mode's positions and masks), while pruning then cannot see the question."""
+    from csp_inductor import haystack as hs
+    from csp_inductor.eval import question_length, run_haystack
+
+    model = hs.load_builtin_model()
+    data = hs.make_split("test", 12, seed=3)
+    assert [question_length(s) for s in data[:4]] == [7, 4, 9, 9]
+    standard = run_haystack(model, data, Full(), batch_size=5)
+    after = run_haystack(model, data, Full(), batch_size=5, question_after=True)
+    assert after.correct == standard.correct and sum(standard.correct) >= 6
+    pruned = run_haystack(model, data, CSP(budget=0.1, window_ratio=0.05), question_after=True)
+    assert pruned.kv_bytes < 0.3 * pruned.full_kv_bytes
