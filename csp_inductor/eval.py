@@ -95,18 +95,11 @@ def run_haystack(
     compile_model(model, policy, compile=compiled)
     backend = model.csp_backend
     stats = RunStats(correct=[None] * len(samples))
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     # with question_after, a batch holds one task: its questions have one length
-    order = sorted(
-        range(len(samples)),
-        key=lambda i: (samples[i].task if question_after else "", len(samples[i].input_ids)),
-    )
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if question_after:
-        chunks = [
-            [i for i in chunk if samples[i].task == task]
-            for chunk in chunks
-            for task in dict.fromkeys(samples[i].task for i in chunk)
-        ]
+    tasks = dict.fromkeys(s.task for s in samples) if question_after else [None]
+    groups = [[i for i in order if task in (None, samples[i].task)] for task in tasks]
+    chunks = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
     try:
         for chunk in chunks:
             batch = hs.collate([samples[i] for i in chunk])
@@ -141,7 +134,7 @@ def _generate(model, batch, *, max_new_tokens: int, min_new_tokens: int = 0):
 @torch.no_grad()
 def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int):
     """Prefill the prompts without their (equally long) questions, then generate after them."""
-    q = {question_length(s) for s in samples}
+    q = {hs.question_length(s) for s in samples}
     if len(q) != 1:
         raise ValueError(f"questions of one batch must have one length, got {sorted(q)}")
     q = q.pop()
@@ -149,8 +142,7 @@ def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int
     mask = context["attention_mask"]
     backend = model.csp_backend
     cache = backend.new_cache(decode_capacity=q + max_new_tokens)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding, as generate numbers them
-    model(**context, position_ids=positions, **{backend.cache_arg: cache})
+    model(**context, position_ids=hs.position_ids(mask), **{backend.cache_arg: cache})
     ids = torch.cat([context["input_ids"], torch.stack([s.input_ids[-q:] for s in samples])], 1)
     mask = torch.cat([mask, mask.new_ones(len(samples), q)], 1)
     out = model.generate(
@@ -163,13 +155,6 @@ def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int
         **{backend.cache_arg: cache},
     )
     return out[:, ids.shape[1] :]
-
-
-def question_length(sample: hs.Sample) -> int:
-    """Tokens of the trailing question (from its "which"/"what" to the "?")."""
-    ids = sample.input_ids.tolist()
-    starts = (hs.TOKEN_TO_ID["which"], hs.TOKEN_TO_ID["what"])
-    return len(ids) - max(i for i, t in enumerate(ids) if t in starts)
 
 
 def decode_speed(model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled=False):

@@ -363,8 +363,8 @@ def make_sample(
     emit_facts(num_images)
 
     focus = [
-        image_pos[cells[-1][0]] + cells[-1][1] if cells else fact_pos[facts_[0]] + 2
-        for _, _, cells, facts_ in questions
+        image_pos[cells[-1][0]] + cells[-1][1] if cells else fact_pos[asked[0]] + 2
+        for _, _, cells, asked in questions
     ]
     first_q, first_a, cells, fact_ids = questions[0]
     evidence = [name_pos[k] + j for k, _ in cells for j in (0, 1)]
@@ -499,6 +499,18 @@ def score(prediction: str | Sequence[int] | torch.Tensor, sample: Sample) -> boo
     return " ".join(text.split()) == sample.answer
 
 
+def question_length(sample: Sample) -> int:
+    """Tokens of the prompt's trailing question, from its "which"/"what" to the "?"."""
+    ids = sample.input_ids.tolist()
+    starts = (TOKEN_TO_ID["which"], TOKEN_TO_ID["what"])
+    return len(ids) - max(i for i, t in enumerate(ids) if t in starts)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch (batch, L), numbered as ``generate`` numbers them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def solve(sample: Sample) -> str:
     """Answer a sample from its content alone (prompt tokens + decoded pixels).
 
@@ -506,7 +518,7 @@ def solve(sample: Sample) -> str:
     from generator state.
     """
     words = [VOCAB[i] for i in sample.input_ids.tolist()]
-    q_start = max(i for i, w in enumerate(words) if w in ("which", "what"))
+    q_start = len(words) - question_length(sample)
     context = words[:q_start]
     names = [" ".join(context[i + 1 : i + 3]) for i, w in enumerate(context) if w == "image"]
     boards = dict(zip(names, (read_board(p) for p in sample.pixel_values), strict=True))

@@ -233,7 +233,7 @@ def retrieval_loss(model, hidden_states, batch, samples: list[hs.Sample]) -> tor
     attn = text.layers[RETRIEVAL_LAYER].self_attn
     h = text.layers[RETRIEVAL_LAYER].input_layernorm(hidden_states[RETRIEVAL_LAYER])
     mask = batch["attention_mask"]
-    cos, sin = text.rotary_emb(h, (mask.cumsum(-1) - 1).clamp(min=0))
+    cos, sin = text.rotary_emb(h, hs.position_ids(mask))
     rows, cols, focus = retrieval_queries(batch["input_ids"], samples)
     target = focus + (mask == 0).sum(1)[rows]
     d = attn.head_dim
@@ -257,7 +257,7 @@ def training_loss(model, probes: AuxiliaryProbes | None, batch, samples: list[hs
         input_ids=batch["input_ids"],
         pixel_values=batch["pixel_values"],
         attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        position_ids=hs.position_ids(mask),
         output_hidden_states=probes is not None,
     )
     labels = batch["labels"]

@@ -56,11 +56,11 @@ def test_question_after_context_keeps_full_cache_answers():
     """Asking after the prefilled context changes nothing with a full cache (the oracle for the
     mode's positions and masks), while pruning then cannot see the question."""
     from csp_inductor import haystack as hs
-    from csp_inductor.eval import question_length, run_haystack
+    from csp_inductor.eval import run_haystack
 
     model = hs.load_builtin_model()
     data = hs.make_split("test", 12, seed=3)
-    assert [question_length(s) for s in data[:4]] == [7, 4, 9, 9]
+    assert [hs.question_length(s) for s in data[:4]] == [7, 4, 9, 9]
     standard = run_haystack(model, data, Full(), batch_size=5)
     after = run_haystack(model, data, Full(), batch_size=5, question_after=True)
     assert after.correct == standard.correct and sum(standard.correct) >= 6

@@ -107,7 +107,7 @@ def test_answer_loss_weighs_every_prompt_the_same(tiny):
         loss, aux, _ = train.training_loss(model, None, batch, samples)
         logits = model(
             **{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")},
-            position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            position_ids=hs.position_ids(batch["attention_mask"]),
         ).logits
     target = batch["labels"][:, 1:]
     per_prompt = [
@@ -149,7 +149,7 @@ def test_retrieval_loss_supervises_the_models_own_attention_head(tiny):
     with torch.no_grad():
         out = model(
             input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=hs.position_ids(mask),
             output_hidden_states=True, output_attentions=True,
         )  # fmt: skip
         loss = train.retrieval_loss(model, out.hidden_states, batch, samples)
