@@ -8,6 +8,8 @@ import torch
 from csp_inductor import haystack as hs
 from csp_inductor import train
 
+COLOURS, SHAPES = list(hs.COLOURS), list(hs.SHAPES)
+
 
 def _names(sample: hs.Sample) -> list[str]:
     words = sample.prompt.split()
@@ -22,14 +24,8 @@ def test_cell_labels_match_read_board_and_frame_codes(task):
     assert labels.shape == (6, hs.TOKENS_PER_IMAGE, 4) and labels.dtype == torch.long
     for k, (pixels, name) in enumerate(zip(s.pixel_values, _names(s), strict=True)):
         for c, cell in enumerate(hs.read_board(pixels)):
-            want = (
-                (0, 0)
-                if cell is None
-                else (
-                    list(hs.COLOURS).index(cell[0]) + 1,
-                    hs.SHAPES.index(cell[1]) + 1,
-                )
-            )
+            colour, shape = cell or (None, None)
+            want = (0, 0) if cell is None else (COLOURS.index(colour) + 1, SHAPES.index(shape) + 1)
             assert tuple(labels[k, c, :2].tolist()) == want, (k, c, cell)
             assert tuple(labels[k, c, 2:].tolist()) == hs.frame_code(name)
 
