@@ -6,7 +6,9 @@ Seeded and resumable: the batch of step ``s`` is a pure function of ``(--seed, s
 curriculum frontier, and the model/optimizer/curriculum state is checkpointed to
 ``--work-dir`` (outside the package) every ``--save-every`` steps; rerunning the same command
 continues from there (``--export-only`` writes the latest checkpoint to ``--out`` and
-evaluates it, e.g. while a run is still going).
+evaluates it, e.g. while a run is still going). ``--init PATH`` fine-tunes a saved model
+instead of starting from random weights (fresh probes and optimizer; with ``--hold 0 --ramp 0``
+every batch is drawn from the whole 2..``--max-images`` range).
 
 Auxiliary losses (training only; the probes are discarded at export) give the decoder direct
 targets that a short CPU run does not discover from the answers alone:
@@ -14,7 +16,9 @@ targets that a short CPU run does not discover from the answers alone:
 * probes, linear read-outs of hidden states: after layer 1 every image token predicts its own
   cell (colour, shape, the two frame-code colours) and every ``?`` the question's last
   ``QUESTION_SPAN`` tokens; after layer 2 every image token predicts the same cell of the
-  previous image (what ``comparison`` needs);
+  previous image (what ``comparison`` needs); after the retrieval layer every retrieval query
+  (below) whose focus is an image cell predicts that cell's contents, so what the head fetches
+  carries the whole cell (the second word of an image's name included);
 * supervised retrieval: head 0 of layer ``RETRIEVAL_LAYER`` is trained to attend from each
   ``?`` (and from the first token of a two-token answer) to the question's ``focus``, the
   prompt position the answer is read from.
@@ -132,6 +136,7 @@ PREVIOUS_LAYER = 2  # ... and the same cell of the previous image
 QUESTION_LAYER = 1  # ... and, at every "?", the question's last QUESTION_SPAN tokens
 QUESTION_SPAN = 7
 RETRIEVAL_LAYER = 2  # one head of this layer is taught to attend from "?" to the needle
+RETRIEVED_LAYER = RETRIEVAL_LAYER + 1  # its output predicts the contents of the needle cell
 _SHAPE_MASKS = torch.stack([torch.from_numpy(hs._MASKS[s]) for s in hs.SHAPES])
 _COLOUR_RGB = torch.tensor(list(hs.COLOURS.values()))
 _FRAME_RGB = torch.tensor(hs.FRAME_LEVELS)
@@ -166,8 +171,9 @@ class AuxiliaryProbes(nn.Module):
     """Linear read-outs of decoder hidden states, trained with the model and then discarded.
 
     ``loss`` takes the decoder's ``hidden_states`` (tuple of (batch, seq, hidden), index 0 the
-    embeddings), the batch's ``input_ids`` (batch, seq), ``pixel_values`` and the number of
-    images of each sample (to find each image's predecessor within its own prompt).
+    embeddings), the batch's ``input_ids`` (batch, seq), ``pixel_values``, the number of
+    images of each sample (to find each image's predecessor within its own prompt) and the
+    retrieval ``queries`` ``(rows, cols, targets)`` in padded positions (:func:`retrieval_loss`).
     """
 
     def __init__(self, hidden: int, vocab: int):
@@ -180,9 +186,12 @@ class AuxiliaryProbes(nn.Module):
         )
         self.cell = nn.ModuleList(nn.Linear(hidden, k) for k in classes)
         self.previous = nn.ModuleList(nn.Linear(hidden, k) for k in classes[:2])
+        self.retrieved = nn.ModuleList(nn.Linear(hidden, k) for k in classes)
         self.question = nn.ModuleList(nn.Linear(hidden, vocab) for _ in range(QUESTION_SPAN))
 
-    def loss(self, hidden_states, input_ids, pixel_values, images_per_sample) -> torch.Tensor:
+    def loss(
+        self, hidden_states, input_ids, pixel_values, images_per_sample, queries
+    ) -> torch.Tensor:
         labels = cell_labels(pixel_values)  # (images, cells, 4), images in batch order
         first = torch.zeros(len(labels), dtype=torch.bool)
         first[torch.tensor(images_per_sample).cumsum(0)[:-1]] = True
@@ -202,15 +211,24 @@ class AuxiliaryProbes(nn.Module):
         for offset, head in enumerate(self.question, start=1):
             target = input_ids[rows, (cols - offset).clamp(min=0)]
             total = total + 0.5 * F.cross_entropy(head(h_q), target)
-        return total
+        rows, cols, targets = queries
+        on_image = is_image[rows, targets]
+        rows, cols, targets = rows[on_image], cols[on_image], targets[on_image]
+        cell = is_image.flatten().cumsum(0)[rows * is_image.shape[1] + targets] - 1
+        h_r = hidden_states[RETRIEVED_LAYER][rows, cols]
+        return total + sum(
+            F.cross_entropy(head(h_r), labels[cell, i]) for i, head in enumerate(self.retrieved)
+        )
 
 
-def retrieval_queries(input_ids: torch.Tensor, samples: list[hs.Sample]):
+def retrieval_queries(batch, samples: list[hs.Sample]):
     """Where retrieval is supervised: every ``?`` (it predicts the first answer token) and, for
     two-token answers, the first answer token too (it predicts the second, which needs the
-    needle again). Returns ``(rows, cols, focus)``, ``focus`` unpadded prompt positions."""
+    needle again). Returns ``(rows, cols, targets)``: the query positions and their questions'
+    ``focus``, all in the batch's (left-padded) positions."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
     rows, cols = (input_ids == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
-    focus = torch.cat([s.focus for s in samples])
+    focus = torch.cat([s.focus for s in samples]) + (mask == 0).sum(1)[rows]
     answers = [len(a) for s in samples for a in (s.answer_ids, *(a for _, a in s.followups))]
     longer = torch.tensor(answers) > 1
     return (
@@ -220,7 +238,7 @@ def retrieval_queries(input_ids: torch.Tensor, samples: list[hs.Sample]):
     )
 
 
-def retrieval_loss(model, hidden_states, batch, samples: list[hs.Sample]) -> torch.Tensor:
+def retrieval_loss(model, hidden_states, batch, queries) -> torch.Tensor:
     """Cross-entropy of one attention head's distribution at every query of
     :func:`retrieval_queries` against its question's ``focus`` position (the needle the answer
     is read from).
@@ -234,8 +252,7 @@ def retrieval_loss(model, hidden_states, batch, samples: list[hs.Sample]) -> tor
     h = text.layers[RETRIEVAL_LAYER].input_layernorm(hidden_states[RETRIEVAL_LAYER])
     mask = batch["attention_mask"]
     cos, sin = text.rotary_emb(h, hs.position_ids(mask))
-    rows, cols, focus = retrieval_queries(batch["input_ids"], samples)
-    target = focus + (mask == 0).sum(1)[rows]
+    rows, cols, target = queries
     d = attn.head_dim
     q, k = attn.q_proj(h[rows, cols])[:, :d], attn.k_proj(h)[..., :d]
     q = q * cos[rows, cols] + rotate_half(q) * sin[rows, cols]
@@ -273,9 +290,10 @@ def training_loss(model, probes: AuxiliaryProbes | None, batch, samples: list[hs
     aux = torch.zeros(())
     if probes is not None:
         images_per_sample = [s.num_images for s in samples]
+        queries = retrieval_queries(batch, samples)
         aux = probes.loss(
-            out.hidden_states, batch["input_ids"], batch["pixel_values"], images_per_sample
-        ) + retrieval_loss(model, out.hidden_states, batch, samples)
+            out.hidden_states, batch["input_ids"], batch["pixel_values"], images_per_sample, queries
+        ) + retrieval_loss(model, out.hidden_states, batch, queries)
     return loss, aux, right.mean()
 
 
@@ -341,6 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (others share the CPU)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=400, help="held-out samples at the end")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="fine-tune: start from this saved model (its --hidden/--layers) instead of random "
+        "weights; probes and optimizer start fresh",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument(
         "--export-only", action="store_true", help="save + evaluate the checkpoint, no training"
@@ -359,10 +383,18 @@ def main(argv: list[str] | None = None) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     state_path = args.work_dir / "state.pt"
 
-    config = build_config(hidden=args.hidden, layers=args.layers)
-    model = LlavaForConditionalGeneration(config)
+    if args.init is None:
+        model = LlavaForConditionalGeneration(build_config(hidden=args.hidden, layers=args.layers))
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, local_files_only=True)
+        shape = (model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers)
+        if shape != (args.hidden, args.layers):
+            p.error(
+                f"--init {args.init} has hidden size {shape[0]} and {shape[1]} layers, but "
+                f"--hidden {args.hidden} --layers {args.layers}: they must match"
+            )
     model.config.use_cache = True
-    text = config.text_config
+    text = model.config.text_config
     probes = AuxiliaryProbes(text.hidden_size, text.vocab_size) if args.aux_weight > 0 else None
     params = [*model.parameters(), *(probes.parameters() if probes is not None else ())]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))

@@ -61,11 +61,6 @@ def test_tokenizer_and_processor_load_offline():
         torch.testing.assert_close(out["pixel_values"], s.pixel_values)
 
 
-# Tasks the shipped checkpoint answers below the target (README, "Quality"): strict, so a
-# better checkpoint turns them into failures until it is listed here no more.
-SHORT_OF_TARGET = {"image_needle"}
-
-
 @pytest.fixture(scope="module")
 def held_out_accuracy(model):
     samples = hs.make_split("test", PER_TASK * len(hs.TASKS), seed=1234)
@@ -75,15 +70,7 @@ def held_out_accuracy(model):
     return acc
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="below target, see README"))
-        if t in SHORT_OF_TARGET
-        else t
-        for t in hs.TASKS
-    ],
-)
+@pytest.mark.parametrize("task", hs.TASKS)
 def test_full_cache_accuracy_on_held_out_sample(held_out_accuracy, task):
     assert held_out_accuracy[task] >= 0.85, held_out_accuracy
 

@@ -62,12 +62,11 @@ def test_auxiliary_loss_trains_every_probe_and_reaches_the_vision_tower(tiny):
     assert "model.vision_tower.embeddings.patch_embedding.weight" in reached
     assert any(n.startswith("model.multi_modal_projector.") for n in reached)
     assert any(n.startswith("model.language_model.layers.0.") for n in reached)
-    # the probes read the outputs of layers 0 and 1; the retrieval loss reaches layer 2's
-    # queries and keys, never its values or MLP: what is read out is shaped by the answers
+    # the retrieval loss shapes layer 2's queries and keys, the retrieved-cell probe what its
+    # attention fetches (values and output projection)
     layer2 = {n.removeprefix("model.language_model.layers.2.") for n in reached if ".2." in n}
-    assert layer2 == {
-        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight"
-    }  # fmt: skip
+    for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"self_attn.{part}.weight" in layer2, part
     model.zero_grad(set_to_none=True)
     probes.zero_grad(set_to_none=True)
 
@@ -116,23 +115,27 @@ def test_answer_loss_weighs_every_prompt_the_same(tiny):
 
 
 @pytest.mark.slow
-def test_training_run_resumes_and_exports(tmp_path):
-    """Two steps, then two more from the checkpoint, then an offline-loadable export."""
-    common = [
-        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-        "--hidden", "32", "--layers", "3", "--batch-tokens", "512", "--eval-n", "4",
-        "--save-every", "1",
-    ]  # fmt: skip
-    train.main([*common, "--steps", "2"])
+def test_training_run_resumes_exports_and_fine_tunes(tmp_path):
+    """Two steps, then two more from the checkpoint, then an offline-loadable export; a run
+    ``--init`` from that export starts from its weights."""
+    shape = ["--hidden", "32", "--layers", "3", "--batch-tokens", "512", "--eval-n", "4"]
+    common = [*shape, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    train.main([*common, "--save-every", "1", "--steps", "2"])
     state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["probes"] is not None
-    train.main([*common, "--steps", "4"])
+    train.main([*common, "--save-every", "1", "--steps", "4"])
     state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
     assert state["step"] == 4
     report = json.loads((tmp_path / "work" / "eval.json").read_text())
     assert report["step"] == 4 and set(report["accuracy"]) == {*hs.TASKS, "all"}
     model = hs.load_builtin_model(tmp_path / "out")
     assert not any("probe" in n for n, _ in model.named_parameters())
+
+    tuned = ["--work-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "tuned")]
+    train.main([*shape, *tuned, "--init", str(tmp_path / "out"), "--steps", "0"])
+    start = hs.load_builtin_model(tmp_path / "tuned").state_dict()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(start[name], weight, msg=name)
 
 
 def test_retrieval_loss_supervises_the_models_own_attention_head(tiny):
@@ -148,12 +151,15 @@ def test_retrieval_loss_supervises_the_models_own_attention_head(tiny):
             position_ids=hs.position_ids(mask),
             output_hidden_states=True, output_attentions=True,
         )  # fmt: skip
-        loss = train.retrieval_loss(model, out.hidden_states, batch, samples)
-    rows, cols, focus = train.retrieval_queries(batch["input_ids"], samples)
+        queries = train.retrieval_queries(batch, samples)
+        loss = train.retrieval_loss(model, out.hidden_states, batch, queries)
+    rows, cols, target = queries
     probs = out.attentions[train.RETRIEVAL_LAYER][rows, 0, cols]  # (queries, keys)
-    target = focus + (mask == 0).sum(1)[rows]
     ids = batch["input_ids"][rows, cols]
-    questions = int((ids == hs.TOKEN_TO_ID["?"]).sum())
+    is_question = ids == hs.TOKEN_TO_ID["?"]
+    questions = int(is_question.sum())
+    unpadded = target - (mask == 0).sum(1)[rows]
+    assert torch.equal(unpadded[is_question], torch.cat([s.focus for s in samples]))
     assert questions == sum(len(s.focus) for s in samples)
     # the other queries are first answer tokens of two-token answers (name, colour + shape)
     assert len(rows) - questions == sum(
@@ -170,3 +176,43 @@ def test_too_few_layers_for_the_auxiliary_losses_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         train.main(["--layers", "2", "--steps", "1"])
     assert "--layers must be >= 3" in capsys.readouterr().err
+
+
+def test_retrieved_cell_probe_targets_the_focus_cells_contents(tiny, monkeypatch):
+    """After the retrieval layer, every query whose focus is an image cell predicts that cell's
+    colour, shape and frame code; text foci (the passkey) are left out."""
+    model, probes = tiny
+    samples, batch = _tiny_batch()
+    seen = []
+    real = torch.nn.functional.cross_entropy
+
+    def spy(input, target, *args, **kwargs):
+        seen.append(target.clone())
+        return real(input, target, *args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", spy)
+    with torch.no_grad():
+        train.training_loss(model, probes, batch, samples)
+    rows, _, target = train.retrieval_queries(batch, samples)
+    on_image = batch["input_ids"][rows, target] == hs.IMAGE_TOKEN_ID
+    assert 0 < int(on_image.sum()) < len(rows)  # the text_needle query is left out
+    labels = train.cell_labels(batch["pixel_values"])  # (images, cells, 4) in batch order
+    want = []
+    for row, pos in zip(rows[on_image].tolist(), target[on_image].tolist(), strict=True):
+        sample = samples[row]
+        first_image = sum(s.num_images for s in samples[:row])
+        start = int((batch["attention_mask"][row] == 0).sum())
+        index = int(sample.is_image[: pos - start].sum())  # image tokens before the focus
+        image, cell = divmod(index, hs.TOKENS_PER_IMAGE)
+        want.append(labels[first_image + image, cell])
+    want = torch.stack(want)
+    retrieved = seen[-5:-1]  # the four retrieved-cell heads, then the retrieval loss
+    for i, got in enumerate(retrieved):
+        assert torch.equal(got, want[:, i]), i
+
+
+def test_init_with_another_shape_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--init", str(hs.BUILTIN_MODEL_PATH), "--hidden", "64", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert "--init" in err and "hidden size 128" in err and "--hidden 64" in err
