@@ -173,7 +173,7 @@ class AuxiliaryProbes(nn.Module):
     ``loss`` takes the decoder's ``hidden_states`` (tuple of (batch, seq, hidden), index 0 the
     embeddings), the batch's ``input_ids`` (batch, seq), ``pixel_values``, the number of
     images of each sample (to find each image's predecessor within its own prompt) and the
-    retrieval ``queries`` ``(rows, cols, targets)`` in padded positions (:func:`retrieval_loss`).
+    retrieval ``queries`` ``(rows, cols, targets)`` of :func:`retrieval_queries`.
     """
 
     def __init__(self, hidden: int, vocab: int):
@@ -409,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     ema_loss, ema_acc = None, None
     if state_path.exists() and not args.fresh:
         state = torch.load(state_path, weights_only=False)
+        if state["args"].get("init") != args.init:
+            p.error(
+                f"--work-dir {args.work_dir} holds a run with --init {state['args'].get('init')}, "
+                f"not --init {args.init}: pass --fresh to start over or another --work-dir"
+            )
         model.load_state_dict(state["model"])
         if probes is not None:
             probes.load_state_dict(state["probes"])

@@ -115,7 +115,7 @@ def test_answer_loss_weighs_every_prompt_the_same(tiny):
 
 
 @pytest.mark.slow
-def test_training_run_resumes_exports_and_fine_tunes(tmp_path):
+def test_training_run_resumes_exports_and_fine_tunes(tmp_path, capsys):
     """Two steps, then two more from the checkpoint, then an offline-loadable export; a run
     ``--init`` from that export starts from its weights."""
     shape = ["--hidden", "32", "--layers", "3", "--batch-tokens", "512", "--eval-n", "4"]
@@ -136,6 +136,9 @@ def test_training_run_resumes_exports_and_fine_tunes(tmp_path):
     start = hs.load_builtin_model(tmp_path / "tuned").state_dict()
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(start[name], weight, msg=name)
+    with pytest.raises(SystemExit):  # a from-scratch checkpoint is not resumed as a fine-tune
+        train.main([*common, "--init", str(tmp_path / "out"), "--steps", "0"])
+    assert "holds a run with --init None" in capsys.readouterr().err
 
 
 def test_retrieval_loss_supervises_the_models_own_attention_head(tiny):
