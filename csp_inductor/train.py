@@ -213,6 +213,8 @@ class AuxiliaryProbes(nn.Module):
             total = total + 0.5 * F.cross_entropy(head(h_q), target)
         rows, cols, targets = queries
         on_image = is_image[rows, targets]
+        if not on_image.any():  # e.g. a batch of one text_needle prompt
+            return total
         rows, cols, targets = rows[on_image], cols[on_image], targets[on_image]
         cell = is_image.flatten().cumsum(0)[rows * is_image.shape[1] + targets] - 1
         h_r = hidden_states[RETRIEVED_LAYER][rows, cols]
@@ -337,6 +339,10 @@ def save_pretrained(model, out: Path) -> None:
     hs.build_processor().save_pretrained(out)  # also writes the tokenizer files
 
 
+def _resolved(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).resolve()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "tiny_llava")
@@ -409,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     ema_loss, ema_acc = None, None
     if state_path.exists() and not args.fresh:
         state = torch.load(state_path, weights_only=False)
-        if state["args"].get("init") != args.init:
+        if _resolved(state["args"].get("init")) != _resolved(args.init):
             p.error(
                 f"--work-dir {args.work_dir} holds a run with --init {state['args'].get('init')}, "
                 f"not --init {args.init}: pass --fresh to start over or another --work-dir"

@@ -1,6 +1,7 @@
 """Training of the built-in model: pixel labels, auxiliary probes, loss, resumable runs."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -136,7 +137,15 @@ def test_training_run_resumes_exports_and_fine_tunes(tmp_path, capsys):
     start = hs.load_builtin_model(tmp_path / "tuned").state_dict()
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(start[name], weight, msg=name)
-    with pytest.raises(SystemExit):  # a from-scratch checkpoint is not resumed as a fine-tune
+    # a fine-tune resumes from its own checkpoint (the same --init, however spelled) ...
+    tuned = ["--work-dir", str(tmp_path / "ft1"), "--out", str(tmp_path / "tuned")]
+    train.main([*shape, *tuned, "--init", str(tmp_path / "out"), "--steps", "1"])
+    relative = os.path.relpath(tmp_path / "out")
+    train.main([*shape, *tuned, "--init", relative, "--steps", "2"])
+    state = torch.load(tmp_path / "ft1" / "state.pt", weights_only=False)
+    assert state["step"] == 2
+    # ... but a from-scratch checkpoint is not resumed as a fine-tune
+    with pytest.raises(SystemExit):
         train.main([*common, "--init", str(tmp_path / "out"), "--steps", "0"])
     assert "holds a run with --init None" in capsys.readouterr().err
 
@@ -219,3 +228,11 @@ def test_init_with_another_shape_is_a_clear_error(capsys):
         train.main(["--init", str(hs.BUILTIN_MODEL_PATH), "--hidden", "64", "--steps", "1"])
     err = capsys.readouterr().err
     assert "--init" in err and "hidden size 128" in err and "--hidden 64" in err
+
+
+def test_auxiliary_loss_is_finite_without_any_image_focus(tiny):
+    model, probes = tiny
+    samples, batch = _tiny_batch(tasks=("text_needle",))
+    with torch.no_grad():
+        _, aux, _ = train.training_loss(model, probes, batch, samples)
+    assert torch.isfinite(aux)
