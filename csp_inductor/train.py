@@ -8,7 +8,7 @@ curriculum frontier, and the model/optimizer/curriculum state is checkpointed to
 continues from there (``--export-only`` writes the latest checkpoint to ``--out`` and
 evaluates it, e.g. while a run is still going). ``--init PATH`` fine-tunes a saved model
 instead of starting from random weights (fresh probes and optimizer; with ``--hold 0 --ramp 0``
-every batch is drawn from the whole 2..``--max-images`` range).
+batches span 2..``--max-images`` images from the first step, biased towards the longest).
 
 Auxiliary losses (training only; the probes are discarded at export) give the decoder direct
 targets that a short CPU run does not discover from the answers alone:
