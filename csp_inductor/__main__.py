@@ -21,7 +21,8 @@ def demo(argv: list[str]) -> int:
     import torch
 
     from . import haystack as hs
-    from .eval import PolicySpec, decode_speed, run_haystack
+    from .eval import PolicySpec, decode_speed, pruning, run_haystack
+    from .policies import Full
 
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -36,13 +37,15 @@ def demo(argv: list[str]) -> int:
     )
     header = f"{'policy':<10}{'accuracy':>10}{'KV held':>12}{'of full':>9}{'decode tok/s':>14}"
     print(header, "-" * len(header), sep="\n")
-    for name in ("full", "csp", "snapkv"):
-        policy = PolicySpec(name).build(args.budget)
-        stats = run_haystack(model, data, policy, compiled=args.compile)
-        speed, held = decode_speed(model, longest, policy, compiled=args.compile)
-        accuracy = sum(stats.correct) / len(data)
-        fraction = stats.kv_bytes / stats.full_kv_bytes
-        print(f"{name:<10}{accuracy:>10.1%}{held / 2**10:>9.0f} KiB{fraction:>9.1%}{speed:>14.0f}")
+    with pruning(model, Full(), compiled=args.compile):  # one backend for the three policies
+        for name in ("full", "csp", "snapkv"):
+            policy = PolicySpec(name).build(args.budget)
+            stats = run_haystack(model, data, policy)
+            speed, held = decode_speed(model, longest, policy)
+            accuracy = sum(stats.correct) / len(data)
+            fraction = stats.kv_bytes / stats.full_kv_bytes
+            row = f"{name:<10}{accuracy:>10.1%}{held / 2**10:>9.0f} KiB{fraction:>9.1%}"
+            print(f"{row}{speed:>14.0f}")
     print(
         f"(KV held: the cache of the longest prompt, {len(longest.input_ids)} tokens, with room "
         f"for 32 new ones; 'of full': over all prompts.) {time.perf_counter() - started:.0f} s"

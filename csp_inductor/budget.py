@@ -59,8 +59,10 @@ def split_budget(
 
     ``budget`` is the kept fraction of the prompt (the authors' ``hh_ratio + recent_ratio``),
     ``window_ratio`` the authors' ``recent_ratio`` and ``recent_bias`` their ``kv_recent_bias``
-    (beta). With ``faithful=True`` a ``cross_ratio <= 0`` reproduces the authors' fixed
-    ``(k_cross, k_self) = (1, 308)``.
+    (beta). ``k_cross = int(k * cross_ratio)`` and ``k_self = k - k_cross``, so exactly ``k``
+    tokens are ranked; ``faithful=True`` keeps the authors' ``k_self = int(k * (1 -
+    cross_ratio))`` (one token short when ``k * cross_ratio`` is not whole) and their fixed
+    ``(k_cross, k_self) = (1, 308)`` for ``cross_ratio <= 0``.
     """
     hh = int(length * _frac(budget - window_ratio))
     window = int(length * window_ratio)
@@ -68,9 +70,12 @@ def split_budget(
     k = hh + window - recent
     if faithful and cross_ratio <= 0:
         k_cross, k_self = AUTHORS_ZERO_CROSS_QUOTAS
-    else:
+    elif faithful:  # the authors' two truncations lose a token when k * cross_ratio is not whole
         k_cross = int(k * cross_ratio)
         k_self = int(k * (1 - cross_ratio))
+    else:  # every ranked token is spent: the self quota takes the remainder
+        k_cross = int(k * cross_ratio)
+        k_self = k - k_cross
     return Budget(
         length=length,
         hh=hh,

@@ -50,6 +50,11 @@ class PrunedLayer(CacheLayerMixin):
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.full(shape[:3], -1, dtype=torch.long, device=device)
+        # Batch and capacity vary; heads and head_dim never do. Marked static, they cannot be
+        # duck-sized together with a batch of the same size (a spurious recompilation).
+        for t in (self.keys, self.values, self.positions):
+            for dim in range(1, t.dim(), 2):
+                torch._dynamo.mark_static(t, dim)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -160,8 +165,11 @@ class PrunedCache(Cache):
 
     # --- reports -------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held by the K/V buffers of all layers (positions not included)."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+        """Bytes held by the K/V buffers of all layers (positions not included); 0 before the
+        first prompt."""
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized
+        )
 
     def kv_bytes_per_token(self) -> int:
         """K+V bytes of one token summed over layers and KV heads."""

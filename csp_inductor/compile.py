@@ -9,16 +9,22 @@ What it changes, all undone by :func:`restore`:
    has none, and allocates the cache for the policy's kept count; after it, it advances the
    cache's lengths (outside the compiled graph);
 3. wraps ``generate`` so the cache's decode capacity matches ``max_new_tokens``;
-4. compiles the decoder's forward with ``torch.compile(fullgraph=True, dynamic=True)``: one
-   graph for the prefill (attention + scoring + selection + compaction, the last three inside
-   the ``csp_inductor::compact_`` op) and one for decode steps, for any prompt length.
+4. compiles the decoder's forward with ``torch.compile(fullgraph=True, dynamic=True)``
+   (:class:`CompiledForward`): a graph for the prefill (attention + scoring + selection +
+   compaction, the last three inside the ``csp_inductor::compact_`` op) and one for decode
+   steps, each for batch 1 and for larger batches, whatever the prompt lengths, decode
+   capacities and policies; a compiler failure falls back to eager with one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import math
+import types
+import warnings
 
 import torch
 from torch import nn
@@ -36,7 +42,7 @@ from .integration import (
     image_token_ids,
     modality,
 )
-from .ops import policy_id
+from .ops import register_policy
 from .policies import CSP, Policy
 
 ATTN_NAME = "csp_inductor"
@@ -44,6 +50,8 @@ DEFAULT_DECODE_CAPACITY = 256
 
 
 LEGACY_CACHE_ARG = "past_key_values"
+# generate's cache_implementation values that the pruned (static) cache stands in for
+REPLACEABLE_CACHES = ("static", "dynamic", "hybrid", "sliding_window")
 
 
 def _rename_legacy_cache_arg(kwargs: dict, cache_arg: str) -> None:
@@ -68,11 +76,6 @@ class Backend:
         dynamic: bool = True,
         decode_softmax_n: float | None = None,
     ):
-        if not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a csp_inductor Policy (CSP(), SnapKV(budget=0.2), ...), got "
-                f"{type(policy).__name__}"
-            )
         if not isinstance(decode_capacity, int) or decode_capacity < 1:
             raise ValueError(
                 f"decode_capacity must be an int >= 1, got decode_capacity={decode_capacity!r}"
@@ -89,13 +92,15 @@ class Backend:
         self.adapter: Adapter = adapter_for(model)
         self.decoder = find_decoder(model, self.adapter)
         self.token_ids = image_token_ids(model, self.adapter)
+        self.policy_index = torch.zeros((), dtype=torch.long)  # read by the compiled graph
         self.policy = policy
-        self.policy_id = policy_id(policy)
         device = next(self.decoder.parameters()).device
         self.kernel = choose_kernel(kernel, device)
         self.decode_capacity = decode_capacity
         self.compile, self.dynamic = compile, dynamic
-        self.cache: PrunedCache | None = None
+        self.compiled: CompiledForward | None = None  # the compiled decoder forward
+        self.active: PrunedCache | None = None  # the cache of the running forward, if any
+        self.cache = self.new_cache()  # the cache of the last forward that had one
         self.is_image: torch.Tensor | None = None
         self.key_padding: torch.Tensor | None = None
         self.image_blocks: torch.Tensor | None = None  # bidirectional images (prefill)
@@ -103,6 +108,32 @@ class Backend:
         # the 2D attention mask generate had for its next forward (None = no padding)
         self.from_generate, self.prompt_mask = False, None
         self._undo: list = []
+
+    @property
+    def policy(self) -> Policy:
+        """What the next prefill keeps. Assignable: a new policy takes effect at the next
+        prompt, without recompiling (the graph reads the policy as a tensor)."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be a csp_inductor Policy (CSP(), SnapKV(budget=0.2), ...), got "
+                f"policy={policy!r}"
+            )
+        self._policy = policy
+        self.policy_index.fill_(register_policy(policy))
+
+    @property
+    def graphs(self) -> int:
+        """Graphs compiled for the decoder so far (0 with ``compile=False``)."""
+        return 0 if self.compiled is None else self.compiled.graphs
+
+    @property
+    def fallback(self) -> str | None:
+        """Why the compiled decoder runs eagerly (a compiler failure), or None."""
+        return None if self.compiled is None else self.compiled.failure
 
     # --- set-up and undo --------------------------------------------------------------------
     def install(self) -> None:
@@ -131,7 +162,7 @@ class Backend:
         self._undo.append(functools.partial(delattr, model, "prepare_inputs_for_generation"))
         if self.compile:
             decoder = self.decoder
-            decoder.forward = torch.compile(decoder.forward, fullgraph=True, dynamic=self.dynamic)
+            decoder.forward = self.compiled = CompiledForward(decoder.forward, dynamic=self.dynamic)
             self._undo.append(functools.partial(delattr, decoder, "forward"))
         model.csp_backend = self
         self._undo.append(functools.partial(delattr, model, "csp_backend"))
@@ -164,11 +195,13 @@ class Backend:
     def _generate(self, generate):
         def wrapped(*args, **kwargs):
             _rename_legacy_cache_arg(kwargs, self.cache_arg)
-            if kwargs.get(self.cache_arg) is None:
-                config = kwargs.get("generation_config") or self.model.generation_config
+            config = kwargs.get("generation_config") or self.model.generation_config
+            use_cache = kwargs.get("use_cache", config.use_cache)
+            if use_cache is not False and kwargs.get(self.cache_arg) is None:
                 new = kwargs.get("max_new_tokens") or config.max_new_tokens
                 kwargs[self.cache_arg] = self.new_cache(new or self.decode_capacity)
-            return generate(*args, **kwargs)
+            with _no_cache_implementation(self.model, kwargs):
+                return generate(*args, **kwargs)
 
         return wrapped
 
@@ -193,7 +226,7 @@ class Backend:
         _rename_legacy_cache_arg(kwargs, self.cache_arg)
         cache = kwargs.get(self.cache_arg)
         if kwargs.get("use_cache") is False:
-            cache = None
+            cache = kwargs[self.cache_arg] = None
         elif not isinstance(cache, PrunedCache):
             if isinstance(cache, Cache) and int(cache.get_seq_length()) > 0:
                 raise TypeError(
@@ -211,7 +244,9 @@ class Backend:
         elif cache.room() < q_len:
             cache.grow(max(q_len, self.decode_capacity))
             self.block_masks.clear()
-        self.cache = cache
+        self.active = cache
+        if cache is not None:
+            self.cache = cache
         if cache is not None and cache.phase == "decode" and self.kernel == "flex":
             self._build_block_masks(cache, q_len)
         return (), kwargs
@@ -262,12 +297,113 @@ class Backend:
 
     def _after_forward(self, module, args, kwargs, output):
         self.from_generate, self.prompt_mask = False, None
-        cache = self.cache
+        cache, self.active = self.active, None
         if cache is not None:
             ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
             q_len = (ids if ids is not None else embeds).shape[1]
             cache.advance(q_len, prompt=cache.phase == "prefill")
         return output
+
+
+# What torch.compile raises when it cannot compile (as opposed to errors of the model's code,
+# which eager execution raises again).
+COMPILER_ERRORS = (
+    torch._dynamo.exc.TorchDynamoException,
+    torch._dynamo.exc.FailOnRecompileLimitHit,
+)
+
+
+class CompiledForward:
+    """The decoder's forward, compiled with ``fullgraph=True``, falling back to eager.
+
+    Dynamo keys graphs, and counts its recompile limit, per code object. transformers'
+    decorated forwards share one wrapper code object across all models, so compiling
+    ``decoder.forward`` directly pools the graphs of every model, batch size and policy of a
+    process under one limit. The compiled function here is a trampoline with a code object of
+    its own, so each backend has its own graphs and its own limit.
+
+    When the compiler fails (the limit reached, or an error in Dynamo or Inductor), the call is
+    run eagerly (same function, same results) and so is every later call; one warning says
+    why. Errors of the model's own code are raised by the eager run, as without compilation.
+    ``graphs`` counts the graphs compiled for this decoder.
+    """
+
+    def __init__(self, forward, *, dynamic: bool):
+        self.eager = forward
+        self.graphs = 0  # graphs compiled so far
+        self.failure: str | None = None  # why this forward runs eagerly, once it does
+
+        self.signature = inspect.signature(forward)
+
+        def trampoline(*args, **kwargs):
+            return forward(*args, **kwargs)
+
+        code = trampoline.__code__.replace(co_name=f"csp_decoder_forward_{id(self):x}")
+        own = types.FunctionType(code, trampoline.__globals__, code.co_name, None,
+                                 trampoline.__closure__)  # fmt: skip
+        self.compiled = torch.compile(own, backend=self._inductor, fullgraph=True, dynamic=dynamic)
+
+    def _inductor(self, graph, example_inputs):
+        compiled = torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
+        self.graphs += 1  # counted once compiled: Dynamo may restart an analysis mid-way
+        return compiled
+
+    def __call__(self, *args, **kwargs):
+        if self.failure is not None:
+            return self.eager(*args, **kwargs)
+        # Every parameter by name, defaults included: a plain forward and generate (which pass
+        # different subsets) then differ in values only, not in the arity Dynamo guards on.
+        # The attention mask is not passed: the backend's attention builds its own masks and
+        # transformers builds none for it, so the mask would only be a guard (None vs tensor).
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if "attention_mask" in bound.arguments:
+            bound.arguments["attention_mask"] = None
+        try:
+            return self.compiled(**bound.arguments)
+        except COMPILER_ERRORS as error:
+            out = self.eager(*args, **kwargs)  # the model's own errors surface here
+            self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            warnings.warn(
+                f"csp_inductor: torch.compile failed on the decoder ({self.failure}); it runs "
+                "eagerly from now on, with the same results. A recompile limit means the inputs "
+                "varied in a way the graphs do not cover (TORCH_LOGS=recompiles shows how; "
+                "torch._dynamo.config.recompile_limit raises the limit); compile(model, "
+                "compile=False) runs eagerly from the start.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return out
+
+
+@contextlib.contextmanager
+def _no_cache_implementation(model: nn.Module, kwargs: dict):
+    """For one ``generate`` call: no ``cache_implementation`` (the argument, the given generation
+    config or the model's, which generate falls back on), as the backend's PrunedCache, itself
+    static, takes its place. The caches it cannot stand in for are refused."""
+    given = kwargs.get("generation_config")
+    default = model.generation_config
+    wanted = kwargs.pop("cache_implementation", None) or next(
+        (
+            c.cache_implementation
+            for c in (given, default)
+            if c is not None and c.cache_implementation
+        ),
+        None,
+    )
+    if wanted is not None and wanted not in REPLACEABLE_CACHES:
+        raise ValueError(
+            f"csp_inductor stores the KV cache in its own pruned static cache; got "
+            f"cache_implementation={wanted!r}, allowed: None or one of {REPLACEABLE_CACHES}"
+        )
+    if given is not None and given.cache_implementation is not None:
+        kwargs["generation_config"] = given = copy.deepcopy(given)
+        given.cache_implementation = None
+    saved, default.cache_implementation = default.cache_implementation, None
+    try:
+        yield
+    finally:
+        default.cache_implementation = saved
 
 
 def _attn_implementations(model: nn.Module) -> dict | str:

@@ -11,6 +11,7 @@ the same for every policy. ``full`` ignores the budget and is evaluated once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -69,6 +70,26 @@ def _literal(value: str) -> object:
     return value
 
 
+@contextlib.contextmanager
+def pruning(model, policy: Policy, *, compiled: bool = False):
+    """``model`` pruning with ``policy`` inside the block. A model already compiled by
+    csp_inductor keeps its backend (and its compiled graphs: the policy is switched, not
+    recompiled) and gets its previous policy back; otherwise it is compiled and restored."""
+    backend = getattr(model, "csp_backend", None)
+    if backend is None:
+        compile_model(model, policy, compile=compiled)
+        try:
+            yield model.csp_backend
+        finally:
+            restore(model)
+        return
+    previous, backend.policy = backend.policy, policy
+    try:
+        yield backend
+    finally:
+        backend.policy = previous
+
+
 @dataclass
 class RunStats:
     correct: list[bool]
@@ -92,15 +113,13 @@ def run_haystack(
     By default the question is part of the prompt: the first answer token then comes from the
     (never pruned) prefill and only later tokens read the pruned cache.
     """
-    compile_model(model, policy, compile=compiled)
-    backend = model.csp_backend
     stats = RunStats(correct=[None] * len(samples))
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     # with question_after, a batch holds one task: its questions have one length
     tasks = dict.fromkeys(s.task for s in samples) if question_after else [None]
     groups = [[i for i in order if task in (None, samples[i].task)] for task in tasks]
     chunks = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    try:
+    with pruning(model, policy, compiled=compiled) as backend:
         for chunk in chunks:
             batch = hs.collate([samples[i] for i in chunk])
             if question_after:
@@ -113,8 +132,6 @@ def run_haystack(
             stats.full_kv_bytes += len(chunk) * real * cache.kv_bytes_per_token()
             for i, ids in zip(chunk, new, strict=True):
                 stats.correct[i] = hs.score(ids, samples[i])
-    finally:
-        restore(model)
     return stats
 
 
@@ -160,9 +177,8 @@ def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int
 def decode_speed(model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled=False):
     """Decode tokens/s of one prompt: (time of prefill + ``new_tokens``) − (time of prefill + 1),
     each the best of two runs; also returns the cache bytes held."""
-    compile_model(model, policy, compile=compiled)
     batch = hs.collate([sample])
-    try:
+    with pruning(model, policy, compiled=compiled) as backend:
         times = {}
         for n in (1, new_tokens + 1):
             best = float("inf")
@@ -171,9 +187,7 @@ def decode_speed(model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 
                 _generate(model, batch, max_new_tokens=n, min_new_tokens=n)
                 best = min(best, time.perf_counter() - start)
             times[n] = best
-        held = model.csp_backend.cache.nbytes()
-    finally:
-        restore(model)
+        held = backend.cache.nbytes()
     return new_tokens / max(1e-9, times[new_tokens + 1] - times[1]), held
 
 
@@ -192,15 +206,17 @@ def evaluate_haystack(
     data = hs.make_split("test", samples * len(tasks), seed=seed, tasks=tasks)
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     results = []
-    for spec, budget in tqdm(jobs, desc="eval", unit="run"):
-        stats = run_haystack(
-            model, data, spec.build(budget), batch_size=batch_size, compiled=compiled,
-            question_after=question_after,
-        )  # fmt: skip
-        for task in tasks:
-            hits = [c for c, s in zip(stats.correct, data, strict=True) if s.task == task]
-            results.append(_row(spec, budget, task, sum(hits) / len(hits), len(hits), stats))
-        results.append(_row(spec, budget, "all", sum(stats.correct) / len(data), len(data), stats))
+    with pruning(model, Full(), compiled=compiled):  # one backend (and graphs) for all runs
+        for spec, budget in tqdm(jobs, desc="eval", unit="run"):
+            stats = run_haystack(
+                model, data, spec.build(budget), batch_size=batch_size,
+                question_after=question_after,
+            )  # fmt: skip
+            for task in tasks:
+                hits = [c for c, s in zip(stats.correct, data, strict=True) if s.task == task]
+                results.append(_row(spec, budget, task, sum(hits) / len(hits), len(hits), stats))
+            total = sum(stats.correct) / len(data)
+            results.append(_row(spec, budget, "all", total, len(data), stats))
     return results
 
 
@@ -224,8 +240,7 @@ def evaluate_milebench(
     results = []
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     for spec, budget in tqdm(jobs, desc="milebench", unit="run"):
-        compile_model(model, spec.build(budget), compile=False)
-        try:
+        with pruning(model, spec.build(budget)):
             for name in datasets:
                 data = milebench.load_dataset(data_dir, name, limit=samples)
                 predictions = milebench.run(model, processor, data, max_new_tokens=64)
@@ -240,8 +255,6 @@ def evaluate_milebench(
                         "n": scored["n"],
                     }
                 )
-        finally:
-            restore(model)
     return results
 
 

@@ -124,7 +124,7 @@ def csp_attention(
     backend = module.csp_backend
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = getattr(module, "sliding_window", None)
-    cache = backend.cache
+    cache = backend.active
     if cache is None or cache.phase == "prefill":
         with label("csp::prefill_attention"):
             out = prefill_attention(
@@ -134,8 +134,8 @@ def csp_attention(
         if cache is not None:
             layer = cache.layers[module.layer_idx]
             torch.ops.csp_inductor.compact_(
-                query, key, value, backend.is_image, backend.key_padding,
-                layer.keys, layer.values, layer.positions, cache.lengths, backend.policy_id, scale,
+                query, key, value, backend.is_image, backend.key_padding, layer.keys,
+                layer.values, layer.positions, cache.lengths, backend.policy_index, scale,
             )  # fmt: skip
         return out, None
     layer = cache.layers[module.layer_idx]

@@ -65,12 +65,13 @@ def _(x, n, dim):
 
 
 # --- prefill compaction ----------------------------------------------------------------------
-# Policies are Python objects; the op refers to them by a registry id (a constant in the graph).
+# Policies are Python objects; the op refers to them by their index in a registry, passed as a
+# 0-d tensor: a graph input, so switching policies does not recompile.
 _POLICY_IDS: dict[Policy, int] = {}
 _POLICIES: list[Policy] = []
 
 
-def policy_id(policy: Policy) -> int:
+def register_policy(policy: Policy) -> int:
     """A stable small int naming ``policy`` inside compiled graphs."""
     if policy not in _POLICY_IDS:
         _POLICY_IDS[policy] = len(_POLICIES)
@@ -91,7 +92,7 @@ def compact_op(
     values_out: Tensor,
     positions_out: Tensor,
     lengths: Tensor,
-    policy: int,
+    policy: Tensor,
     scale: float,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
@@ -99,9 +100,10 @@ def compact_op(
     query (b, hq, L, d), key/value (b, hkv, L, d) -> keys_out/values_out[:, :, :K]
     (b, hkv, capacity, d) and positions_out[:, :, :K] (absolute positions, -1 = unused).
     ``lengths`` (b,) is what the cache was allocated for; a different count is an error.
+    ``policy`` () long: the index of the policy (:func:`register_policy`).
     """
     with label("csp::selection"):
-        idx = _POLICIES[policy].select(query, key, is_image, key_padding, scale=scale)
+        idx = _POLICIES[int(policy)].select(query, key, is_image, key_padding, scale=scale)
     width = idx.shape[-1]
     counts = (idx >= 0).sum(dim=-1)
     if not torch.equal(counts, lengths[:, None].expand_as(counts)):

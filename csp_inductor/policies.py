@@ -6,7 +6,7 @@ queries and keys and returns the kept prompt positions per KV head::
     q           (batch, q_heads, seq, head_dim)   all prompt queries, RoPE applied
     k           (batch, kv_heads, seq, head_dim)
     is_image    (batch, seq) bool                 True for visual tokens
-    key_padding (batch, seq) bool or None         True = left padding; never kept
+    key_padding (batch, seq) bool or None         True = padding (left or right); never kept
     returns     (batch, kv_heads, K) long         ascending positions, -1 padded at the end
 
 Each sequence gets its own budget from its own unpadded length. A baseline only writes
@@ -50,6 +50,14 @@ class Prompt(NamedTuple):
         lo = selection.counts(self.pads, self.k.device)[:, 0]
         hi = selection.counts([self.seq - b.recent for b in self.budgets], self.k.device)[:, 0]
         return ((pos >= lo) & (pos < hi))[:, None, :]
+
+    def real(self) -> Tensor:
+        """(batch, kv_heads, longest row) long: every non-padding position, wherever the
+        padding is (the keep-all selection)."""
+        pos = torch.arange(self.seq, device=self.k.device).expand(self.k.shape[0], -1)
+        if self.key_padding is not None:
+            pos = pos.masked_fill(self.key_padding, -1)
+        return selection.merge([pos[:, None].expand(-1, self.k.shape[1], -1)], self.seq)
 
     def recent(self) -> Tensor:
         """(batch, kv_heads, R) long: each sequence's always-kept last ``recent`` positions."""
@@ -107,8 +115,19 @@ class Policy:
         """Kept prompt positions per KV head (see the module docstring for shapes)."""
         prompt = self._prompt(q, k, is_image, key_padding, scale)
         if all(b.keep_all for b in prompt.budgets):
-            return prompt.recent()
-        return self._select(prompt)
+            return prompt.real()
+        shift = _right_padding(key_padding)
+        if shift is None:
+            return self._select(prompt)
+        # right-padded rows are rotated into left-padded ones, selected, and rotated back
+        rotated = prompt._replace(
+            q=_rotate(q, shift, dim=2),
+            k=_rotate(k, shift, dim=2),
+            is_image=_rotate(is_image, shift, dim=1),
+            key_padding=_rotate(key_padding, shift, dim=1),
+        )
+        idx = self._select(rotated)
+        return (idx - shift[:, None, None]).masked_fill(idx < 0, -1)
 
     def _select(self, prompt: Prompt) -> Tensor:
         raise NotImplementedError
@@ -129,12 +148,6 @@ class Policy:
         pads = [0] * b
         if key_padding is not None:
             pads = key_padding.sum(dim=1).tolist()
-            left = torch.arange(seq, device=k.device) < key_padding.sum(dim=1, keepdim=True)
-            if not torch.equal(left, key_padding):
-                raise ValueError(
-                    "key_padding must be left padding (True only on a prefix of each row); "
-                    "right or inner padding cannot be pruned correctly"
-                )
         budgets = [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         return Prompt(q, k, is_image, key_padding, scale, pads, budgets)
@@ -261,6 +274,39 @@ class CSP(Policy):
         pool = pool & ~selection.as_mask(chosen_self, seq)
         chosen_cross = selection.top(s_cross, k_cross, pool)
         return selection.merge([sinks, chosen_self, chosen_cross, prompt.recent()], seq)
+
+
+def _right_padding(key_padding: Tensor | None) -> Tensor | None:
+    """(batch,) long: the right padding of each right-padded row (0 for the others); None when
+    no row is right-padded. Padding inside a row cannot be pruned around and is an error."""
+    if key_padding is None:
+        return None
+    seq = key_padding.shape[1]
+    pads = key_padding.sum(dim=1, keepdim=True)
+    pos = torch.arange(seq, device=key_padding.device)
+    left = ((pos < pads) == key_padding).all(dim=1)
+    right = ((pos >= seq - pads) == key_padding).all(dim=1)
+    if not bool((left | right).all()):
+        rows = (~(left | right)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"key_padding must pad each row on one side when tokens are pruned; rows {rows} "
+            "have padding between real tokens. Pad on the left (tokenizer.padding_side = "
+            "'left') or the right; padding inside a row is accepted only when nothing is "
+            "pruned (Full(), budget=1.0, or prompts too short to prune)"
+        )
+    if bool(left.all()):
+        return None
+    return torch.where(left, 0, pads[:, 0])
+
+
+def _rotate(x: Tensor, shift: Tensor, dim: int) -> Tensor:
+    """Row ``b`` of ``x`` rotated by ``shift[b]`` along ``dim``: ``out[j] = x[j - shift[b]]``."""
+    seq = x.shape[dim]
+    index = (torch.arange(seq, device=x.device) - shift[:, None]) % seq  # (batch, seq)
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = seq
+    index = index.view(shape).expand(x.shape)
+    return x.gather(dim, index)
 
 
 def _pad(prompt: Prompt) -> Tensor:

@@ -1,5 +1,8 @@
 """Shared test set-up.
 
+Hypothesis runs the same generated cases every run (``derandomize``), so a failure is
+reproducible and CI does not depend on luck; ``HYPOTHESIS_PROFILE=explore`` draws new cases.
+
 Without CUDA, Triton kernels run on CPU tensors only in Triton's interpreter, which is chosen
 when a kernel is decorated: so the variable is set here, before any test imports a kernel.
 """
@@ -7,6 +10,11 @@ when a kernel is decorated: so the variable is set here, before any test imports
 import os
 
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -209,30 +209,6 @@ def test_plain_llm_with_a_text_policy():
     assert model.csp_backend.cache.kept_prompt == [10]
 
 
-def test_bad_input_errors():
-    with pytest.raises(TypeError, match=r"supported families: .*llava"):
-        csp_inductor.compile(torch.nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="policy must be a csp_inductor Policy"):
-        csp_inductor.compile(tiny_llava(), policy="csp")
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        csp_inductor.compile(tiny_llava(), kernel="cuda-graphs")
-    with pytest.raises(ValueError, match="decode_capacity must be"):
-        csp_inductor.compile(tiny_llava(), decode_capacity=0)
-    model = csp_inductor.compile(tiny_llava(), compile=False)
-    with pytest.raises(ValueError, match="already compiled"):
-        csp_inductor.compile(model)
-    embeds = torch.randn(1, 40, 64)
-    with pytest.raises(ValueError, match="needs input_ids"):
-        model(inputs_embeds=embeds)
-    if model.csp_backend.cache_arg == "cache":  # transformers >= 5.24 renamed past_key_values
-        cache = model.csp_backend.new_cache()
-        with pytest.raises(TypeError, match="got both 'cache' and 'past_key_values'"):
-            model(**prompt([5, 5]), cache=cache, past_key_values=cache)
-    csp_inductor.restore(model)
-    with pytest.raises(ValueError, match="not compiled"):
-        csp_inductor.restore(model)
-
-
 def test_decode_softmax_n_option():
     inputs = prompt([30, 20, 11], seed=8)
     model = tiny_llava()
