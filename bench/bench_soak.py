@@ -24,7 +24,7 @@ from csp_inductor import haystack as hs
 CALLS = env_int("CSP_BENCH_SOAK_CALLS", 500)
 CHECKPOINTS = [c for c in (100, 250, 500, 1000) if c <= CALLS]
 POLICIES = (CSP(), CSP(budget=0.1), SnapKV(), H2O(budget=0.3), StreamingLLM(), Full())
-MAX_GRAPHS = 4
+MAX_GRAPHS = 4  # prefill and decode, each for batch 1 and batch > 1
 MAX_RSS_GROWTH = 64 * 2**20  # from call 100 to the last call
 
 

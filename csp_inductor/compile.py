@@ -222,7 +222,7 @@ class Backend:
         for name, value in zip(self.forward_params, args, strict=False):
             kwargs.setdefault(name, value)
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        q_len = (ids if ids is not None else embeds).shape[1]
+        batch, q_len = (ids if ids is not None else embeds).shape[:2]
         _rename_legacy_cache_arg(kwargs, self.cache_arg)
         cache = kwargs.get(self.cache_arg)
         if kwargs.get("use_cache") is False:
@@ -237,7 +237,7 @@ class Backend:
             kwargs[self.cache_arg] = cache
         mask = kwargs.get("attention_mask")
         if cache is None or cache.phase == "empty":
-            self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, q_len, cache)
+            self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, batch, q_len, cache)
             # like the model: images are bidirectional when it is given their token types
             blocks = kwargs.get("token_type_ids") if self.adapter.bidirectional_images else None
             self.image_blocks = None if blocks is None else image_blocks(blocks == 1)
@@ -251,7 +251,8 @@ class Backend:
             self._build_block_masks(cache, q_len)
         return (), kwargs
 
-    def _prepare_prompt(self, ids, token_types, mask, q_len, cache) -> None:
+    def _prepare_prompt(self, ids, token_types, mask, batch, q_len, cache) -> None:
+        param = next(self.decoder.parameters())
         is_image = modality(self.adapter, self.token_ids, ids, token_types)
         if is_image is None:
             if self.adapter.multimodal:
@@ -259,7 +260,7 @@ class Backend:
                     "csp_inductor needs input_ids (or mm_token_type_ids) at prefill to know "
                     "which prompt tokens are visual; got inputs_embeds only"
                 )
-            is_image = torch.zeros(1, q_len, dtype=torch.bool)
+            is_image = torch.zeros(batch, q_len, dtype=torch.bool, device=param.device)
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             if mask is not None and not self.from_generate:
                 raise ValueError(
@@ -268,18 +269,20 @@ class Backend:
                     f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
                 )
             mask = self.prompt_mask
-        padding = None
-        if mask is not None and not bool(mask[:, -q_len:].all()):
-            padding = ~mask[:, -q_len:].bool()
-        batch = is_image.shape[0]
-        self.is_image = is_image.expand(batch, q_len)
+        # A padding tensor whenever the batch has more than one row, padded or not: one graph
+        # serves both. A lone row without padding takes the unmasked (faster) prefill.
+        padding = None if mask is None else ~mask[:, -q_len:].bool()
+        if batch == 1 and (padding is None or not bool(padding.any())):
+            padding = None
+        elif padding is None:
+            padding = torch.zeros(batch, q_len, dtype=torch.bool, device=is_image.device)
+        self.is_image = is_image
         self.key_padding = padding
         self.block_masks.clear()
         if cache is None:
             return
         pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        param = next(self.decoder.parameters())
         cache.start_prefill(kept, param.dtype, param.device)
 
     def _build_block_masks(self, cache: PrunedCache, q_len: int) -> None:

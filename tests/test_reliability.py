@@ -193,3 +193,17 @@ def test_reports_before_the_first_prompt_and_policy_assignment(llava):
     generate(llava, inputs)
     assert backend.cache.kept_prompt == [SnapKV(budget=0.5).budget_for(length).kept]
     assert backend.policy == SnapKV(budget=0.5)
+
+
+def test_text_model_prunes_a_batch_given_as_embeddings():
+    model = tiny_model("llama")
+    ids = tiny_inputs(model, "llama", batch=2, pads=[0, 5])
+    embeds = model.get_input_embeddings()(ids["input_ids"])
+    with torch.no_grad():
+        want = model(inputs_embeds=embeds, attention_mask=ids["attention_mask"]).logits
+        csp_inductor.compile(model, SnapKV(), compile=False)
+        got = model(inputs_embeds=embeds, attention_mask=ids["attention_mask"]).logits
+    real = ids["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    lengths = ids["attention_mask"].sum(dim=1).tolist()
+    assert model.csp_backend.cache.kept_prompt == [SnapKV().budget_for(n).kept for n in lengths]
