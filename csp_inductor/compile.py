@@ -31,6 +31,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
+try:
+    from transformers.utils import output_capturing as _output_capturing
+except ImportError:  # a transformers without output capturing: nothing to reset
+    _output_capturing = None
+
 from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask
 from .cache import LayerSpec, PrunedCache
 from .integration import (
@@ -363,7 +368,9 @@ class CompiledForward:
         if "attention_mask" in bound.arguments:
             bound.arguments["attention_mask"] = None
         try:
-            return self.compiled(**bound.arguments)
+            out = self.compiled(**bound.arguments)
+            _reset_output_capturing()
+            return out
         except COMPILER_ERRORS as error:
             out = self.eager(*args, **kwargs)  # the model's own errors surface here
             self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -377,6 +384,16 @@ class CompiledForward:
                 stacklevel=2,
             )
             return out
+
+
+def _reset_output_capturing() -> None:
+    """transformers' output capturing keeps a module-level "compiling" flag while a compiled
+    graph runs its decorated forwards. A compiled decoder with FlexAttention leaves it set
+    (torch 2.13, transformers 5.24), and the next eager forward (the vision tower of the next
+    prompt) then records no hidden states. Clear it, as its own reset would have."""
+    collector = getattr(_output_capturing, "_active_collector", None)
+    if getattr(collector, "compiling", False):
+        collector.reset(None)
 
 
 @contextlib.contextmanager
