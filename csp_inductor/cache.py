@@ -50,12 +50,15 @@ class PrunedLayer(CacheLayerMixin):
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.full(shape[:3], -1, dtype=torch.long, device=device)
-        # Batch and capacity vary; heads and head_dim never do. Marked static, they cannot be
-        # duck-sized together with a batch of the same size (a spurious recompilation).
+        self.mark_static()
+        self.is_initialized = True
+
+    def mark_static(self) -> None:
+        """Batch and capacity vary; heads and head_dim never do. Marked static, they cannot be
+        duck-sized together with a batch of the same size (a spurious recompilation)."""
         for t in (self.keys, self.values, self.positions):
             for dim in range(1, t.dim(), 2):
                 torch._dynamo.mark_static(t, dim)
-        self.is_initialized = True
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         raise RuntimeError("a PrunedCache is allocated by its backend before the prefill")
@@ -144,6 +147,7 @@ class PrunedCache(Cache):
             layer.positions = torch.nn.functional.pad(layer.positions, (0, extra), value=-1)
             if self.null_slot:  # the old null slot becomes an ordinary free slot
                 layer.positions[..., -extra - 1] = -1
+            layer.mark_static()
         self._mark_null_slot()
 
     def _mark_null_slot(self) -> None:
@@ -172,10 +176,11 @@ class PrunedCache(Cache):
         )
 
     def kv_bytes_per_token(self) -> int:
-        """K+V bytes of one token summed over layers and KV heads."""
+        """K+V bytes of one token summed over layers and KV heads; 0 before the first prompt."""
         return sum(
             2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
             for layer in self.layers
+            if layer.is_initialized
         )
 
     def get_seq_length(self, layer_idx: int = 0) -> Tensor:

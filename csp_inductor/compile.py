@@ -127,8 +127,9 @@ class Backend:
                 f"policy must be a csp_inductor Policy (CSP(), SnapKV(budget=0.2), ...), got "
                 f"policy={policy!r}"
             )
+        index = register_policy(policy)
         self._policy = policy
-        self.policy_index.fill_(register_policy(policy))
+        self.policy_index.fill_(index)
 
     @property
     def graphs(self) -> int:
@@ -241,7 +242,18 @@ class Backend:
             cache = self.new_cache()
             kwargs[self.cache_arg] = cache
         mask = kwargs.get("attention_mask")
+        from_generate, prompt_mask = self.from_generate, self.prompt_mask
+        # generate's 2D mask serves this forward only, whether it succeeds or raises
+        self.from_generate, self.prompt_mask = False, None
         if cache is None or cache.phase == "empty":
+            if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+                if mask is not None and not from_generate:
+                    raise ValueError(
+                        "csp_inductor reads the prompt's padding from a 2D attention_mask "
+                        f"(batch, seq); got {type(mask).__name__}"
+                        f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
+                    )
+                mask = prompt_mask
             self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, batch, q_len, cache)
             # like the model: images are bidirectional when it is given their token types
             blocks = kwargs.get("token_type_ids") if self.adapter.bidirectional_images else None
@@ -266,14 +278,6 @@ class Backend:
                     "which prompt tokens are visual; got inputs_embeds only"
                 )
             is_image = torch.zeros(batch, q_len, dtype=torch.bool, device=param.device)
-        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            if mask is not None and not self.from_generate:
-                raise ValueError(
-                    "csp_inductor reads the prompt's padding from a 2D attention_mask (batch, "
-                    f"seq); got {type(mask).__name__}"
-                    f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
-                )
-            mask = self.prompt_mask
         # A padding tensor whenever the batch has more than one row, padded or not: one graph
         # serves both. A lone row without padding takes the unmasked (faster) prefill.
         padding = None if mask is None else ~mask[:, -q_len:].bool()
@@ -304,7 +308,6 @@ class Backend:
                 )  # fmt: skip
 
     def _after_forward(self, module, args, kwargs, output):
-        self.from_generate, self.prompt_mask = False, None
         cache, self.active = self.active, None
         if cache is not None:
             ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -328,7 +331,8 @@ class CompiledForward:
     decorated forwards share one wrapper code object across all models, so compiling
     ``decoder.forward`` directly pools the graphs of every model, batch size and policy of a
     process under one limit. The compiled function here is a trampoline with a code object of
-    its own, so each backend has its own graphs and its own limit.
+    its own, so each backend has its own graphs and its own limit (Dynamo's much larger
+    ``accumulated_recompile_limit`` stays process-wide).
 
     When the compiler fails (the limit reached, or an error in Dynamo or Inductor), the call is
     run eagerly (same function, same results) and so is every later call; one warning says
@@ -368,9 +372,7 @@ class CompiledForward:
         if "attention_mask" in bound.arguments:
             bound.arguments["attention_mask"] = None
         try:
-            out = self.compiled(**bound.arguments)
-            _reset_output_capturing()
-            return out
+            return self.compiled(*bound.args, **bound.kwargs)
         except COMPILER_ERRORS as error:
             out = self.eager(*args, **kwargs)  # the model's own errors surface here
             self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -384,6 +386,8 @@ class CompiledForward:
                 stacklevel=2,
             )
             return out
+        finally:
+            _reset_output_capturing()
 
 
 def _reset_output_capturing() -> None:

@@ -71,13 +71,19 @@ def _literal(value: str) -> object:
 
 
 @contextlib.contextmanager
-def pruning(model, policy: Policy, *, compiled: bool = False):
+def pruning(model, policy: Policy, *, compiled: bool | None = None):
     """``model`` pruning with ``policy`` inside the block. A model already compiled by
     csp_inductor keeps its backend (and its compiled graphs: the policy is switched, not
-    recompiled) and gets its previous policy back; otherwise it is compiled and restored."""
+    recompiled) and gets its previous policy back; otherwise it is compiled (``compiled``;
+    None = eager) and restored."""
     backend = getattr(model, "csp_backend", None)
+    if backend is not None and compiled is not None and compiled != backend.compile:
+        raise ValueError(
+            f"the model's backend has compile={backend.compile}, got compiled={compiled}; "
+            "restore(model) first, or pass compiled=None to use the backend as it is"
+        )
     if backend is None:
-        compile_model(model, policy, compile=compiled)
+        compile_model(model, policy, compile=bool(compiled))
         try:
             yield model.csp_backend
         finally:
@@ -103,7 +109,7 @@ def run_haystack(
     policy: Policy,
     *,
     batch_size: int = 8,
-    compiled=False,
+    compiled: bool | None = None,
     question_after: bool = False,
 ) -> RunStats:
     """Greedy answers of ``model`` under ``policy`` for ``samples`` (batched, left-padded).
@@ -174,7 +180,9 @@ def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int
     return out[:, ids.shape[1] :]
 
 
-def decode_speed(model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled=False):
+def decode_speed(
+    model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled: bool | None = None
+):
     """Decode tokens/s of one prompt: (time of prefill + ``new_tokens``) − (time of prefill + 1),
     each the best of two runs; also returns the cache bytes held."""
     batch = hs.collate([sample])

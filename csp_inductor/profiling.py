@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         model.generate(**inputs, **gen)
     summary.update(wall_s=prof.seconds, phase_ms=prof.phase_ms, trace=str(prof.trace))
     backend = getattr(model, "csp_backend", None)
-    if backend is not None and backend.cache is not None:
+    if backend is not None:
         summary["kv_bytes"] = backend.cache.nbytes()
         summary["kept_prompt"] = backend.cache.kept_prompt
     print(prof.table)

@@ -293,7 +293,7 @@ def test_both_cache_arguments_at_once(model, inputs):
         model(**inputs, cache=cache, past_key_values=cache)
 
 
-def test_nothing_pruned_needs_no_error(model, inputs):
+def test_nothing_pruned_needs_no_error():
     # the inputs that are errors when tokens are pruned are fine when none are
     padding = inner_padding()
     kept = select(Full(), padding)
