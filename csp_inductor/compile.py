@@ -324,6 +324,11 @@ COMPILER_ERRORS = (
 )
 
 
+# Outputs that transformers records with a context manager Dynamo cannot trace: a call that
+# asks for them runs eagerly (that call only).
+EAGER_OUTPUTS = ("output_hidden_states", "output_attentions")
+
+
 class CompiledForward:
     """The decoder's forward, compiled with ``fullgraph=True``, falling back to eager.
 
@@ -337,6 +342,7 @@ class CompiledForward:
     When the compiler fails (the limit reached, or an error in Dynamo or Inductor), the call is
     run eagerly (same function, same results) and so is every later call; one warning says
     why. Errors of the model's own code are raised by the eager run, as without compilation.
+    A call asking for hidden states or attention weights runs eagerly, by itself.
     ``graphs`` counts the graphs compiled for this decoder.
     """
 
@@ -361,7 +367,7 @@ class CompiledForward:
         return compiled
 
     def __call__(self, *args, **kwargs):
-        if self.failure is not None:
+        if self.failure is not None or any(kwargs.get(name) for name in EAGER_OUTPUTS):
             return self.eager(*args, **kwargs)
         # Every parameter by name, defaults included: a plain forward and generate (which pass
         # different subsets) then differ in values only, not in the arity Dynamo guards on.

@@ -147,9 +147,11 @@ def test_generate_without_a_cache(llava, compiled):
     csp_inductor.compile(llava, CSP(), compile=compiled)
     # no cache: nothing is stored, so nothing is pruned, whatever the policy
     assert torch.equal(generate(llava, inputs, new=4, use_cache=False), want)
-    # extra keyword arguments reach the decoder, compiled or not
+    # extra keyword arguments reach the decoder, compiled or not (a call asking for hidden
+    # states runs eagerly, and the model stays compiled)
     with torch.no_grad():
         out = llava(**inputs, use_cache=False, output_hidden_states=True)
+    assert llava.csp_backend.fallback is None
     csp_inductor.restore(llava)
     with torch.no_grad():
         ref = llava(**inputs, use_cache=False, output_hidden_states=True)
