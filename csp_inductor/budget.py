@@ -70,12 +70,10 @@ def split_budget(
     k = hh + window - recent
     if faithful and cross_ratio <= 0:
         k_cross, k_self = AUTHORS_ZERO_CROSS_QUOTAS
-    elif faithful:  # the authors' two truncations lose a token when k * cross_ratio is not whole
+    else:
         k_cross = int(k * cross_ratio)
-        k_self = int(k * (1 - cross_ratio))
-    else:  # every ranked token is spent: the self quota takes the remainder
-        k_cross = int(k * cross_ratio)
-        k_self = k - k_cross
+        # ours spends every ranked token; the authors' second truncation can lose one
+        k_self = int(k * (1 - cross_ratio)) if faithful else k - k_cross
     return Budget(
         length=length,
         hh=hh,
