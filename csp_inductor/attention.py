@@ -51,13 +51,22 @@ def causal_padding_mask(key_padding: Tensor):
     return causal_padding
 
 
-def image_block_mask(image_blocks: Tensor):
-    """Query and key in the same image: ``image_blocks`` (batch, seq) long, -1 off images."""
+def dense_mask(mask: Tensor):
+    """A model's own prefill mask: ``mask`` (batch, seq, seq) bool, True = attend."""
 
-    def same_image(b, h, q_idx, kv_idx):
-        return (image_blocks[b, q_idx] == image_blocks[b, kv_idx]) & (image_blocks[b, q_idx] >= 0)
+    def model_mask(b, h, q_idx, kv_idx):
+        return mask[b, q_idx, kv_idx]
 
-    return same_image
+    return model_mask
+
+
+def padding_mask(key_padding: Tensor):
+    """Padding keys hidden from real queries (padding queries see everything, stay finite)."""
+
+    def padding(b, h, q_idx, kv_idx):
+        return ~key_padding[b, kv_idx] | key_padding[b, q_idx]
+
+    return padding
 
 
 def causal_mask():
@@ -145,35 +154,35 @@ def prefill_attention(
     key_padding: Tensor | None,
     sliding_window: int | None,
     kernel: str,
-    image_blocks: Tensor | None = None,
+    model_mask: Tensor | None = None,
 ) -> Tensor:
     """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d).
 
-    ``image_blocks`` (b, L) long: the image each token belongs to (-1 = not an image), for
-    models whose image tokens attend to each other bidirectionally (causal ∨ same image)."""
+    ``model_mask`` (b or 1, 1, L, L) bool: the model's own mask (bidirectional image or prefix
+    blocks, ...), used instead of the causal one; padding is still applied here."""
+    b, _, seq, _ = q.shape
+    dense = None if model_mask is None else model_mask[:, 0].expand(b, seq, seq)
     if kernel == "flex":
-        mods = [causal_mask() if key_padding is None else causal_padding_mask(key_padding)]
-        if image_blocks is not None:
-            mods[0] = or_masks(mods[0], image_block_mask(image_blocks))
+        if dense is not None:
+            mods = [dense_mask(dense)]
+            if key_padding is not None:
+                mods.append(padding_mask(key_padding))
+        else:
+            mods = [causal_mask() if key_padding is None else causal_padding_mask(key_padding)]
         if sliding_window is not None:
             mods.append(sliding_window_mask(sliding_window))
         mask_mod = and_masks(*mods) if len(mods) > 1 else mods[0]
-        b, _, seq, _ = q.shape
         block_mask = torch.nn.attention.flex_attention.create_block_mask(
-            mask_mod, b if key_padding is not None or image_blocks is not None else None, None,
+            mask_mod, b if key_padding is not None or dense is not None else None, None,
             seq, seq, device=q.device,
         )  # fmt: skip
         out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
-    if key_padding is None and sliding_window is None and image_blocks is None:
+    if key_padding is None and sliding_window is None and dense is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
-    seq = q.shape[2]
     pos = torch.arange(seq, device=q.device)
-    allowed = (pos[None, :] <= pos[:, None])[None]
-    if image_blocks is not None:
-        same = image_blocks[:, :, None] == image_blocks[:, None, :]
-        allowed = allowed | (same & (image_blocks[:, :, None] >= 0))
+    allowed = (pos[None, :] <= pos[:, None])[None] if dense is None else dense
     if key_padding is not None:
         allowed = allowed & (~key_padding[:, None, :] | key_padding[:, :, None])
     if sliding_window is not None:

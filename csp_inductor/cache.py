@@ -21,18 +21,23 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer
 
 from .attention import NULL_POSITION
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Shape of one decoder layer's cache: ``sliding_window`` None = global attention."""
+    """One decoder layer's cache. ``kind``: ``"attention"`` (pruned K/V of ``kv_heads`` heads of
+    ``head_dim``; ``sliding_window`` None = global attention), ``"recurrent"`` (conv/recurrent
+    states of a linear-attention or short-conv layer, ``states`` of them, kept whole as
+    transformers keeps them) or ``"shared"`` (the layer reads another layer's K/V: no storage)."""
 
-    kv_heads: int
-    head_dim: int
+    kv_heads: int = 0
+    head_dim: int = 0
     sliding_window: int | None = None
+    kind: str = "attention"
+    states: int = 1
 
 
 class PrunedLayer(CacheLayerMixin):
@@ -72,10 +77,15 @@ class PrunedLayer(CacheLayerMixin):
         return self.cache.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # a prompt attends to itself (not to the buffers, which it fills)
+        if self.cache.phase != "decode":
+            return query_length, 0
         return self.keys.shape[2], 0
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.3
 
     def reset(self) -> None:
         for t in (self.keys, self.values):
@@ -83,6 +93,14 @@ class PrunedLayer(CacheLayerMixin):
                 t.zero_()
         if self.positions is not None:
             self.positions.fill_(-1)
+
+
+def _layer(cache: PrunedCache, index: int, spec: LayerSpec):
+    if spec.kind == "attention":
+        return PrunedLayer(cache, index, spec)
+    if spec.kind == "recurrent":
+        return LinearAttentionLayer(number_of_states=spec.states)
+    return DummyLayer()
 
 
 class PrunedCache(Cache):
@@ -100,7 +118,8 @@ class PrunedCache(Cache):
         super().__init__(layers=[])
         self.align = align  # capacity rounded up to a multiple of this
         self.null_slot = null_slot  # the last slot stays K = V = 0 (decode-time n-softmax)
-        self.layers = [PrunedLayer(self, i, s) for i, s in enumerate(specs)]
+        self.layers = [_layer(self, i, spec) for i, spec in enumerate(specs)]
+        self.pruned = [layer for layer in self.layers if isinstance(layer, PrunedLayer)]
         self.decode_capacity = int(decode_capacity)
         self.phase = "empty"
         self.lengths: Tensor | None = None  # (batch,) valid slots per row
@@ -116,7 +135,7 @@ class PrunedCache(Cache):
             )
         needed = max(kept) + self.decode_capacity + int(self.null_slot)
         capacity = -(-needed // self.align) * self.align
-        for layer in self.layers:
+        for layer in self.pruned:
             layer.allocate(len(kept), capacity, dtype, device)
         self._mark_null_slot()
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
@@ -135,12 +154,12 @@ class PrunedCache(Cache):
 
     def room(self) -> int:
         """How many more tokens fit in the decode capacity (the tightest row)."""
-        return self.layers[0].keys.shape[2] - int(self.null_slot) - self.longest
+        return self.pruned[0].keys.shape[2] - int(self.null_slot) - self.longest
 
     def grow(self, extra: int) -> None:
         """Enlarge the decode capacity by ``extra`` slots (copies the buffers; rare)."""
         extra = -(-extra // self.align) * self.align
-        for layer in self.layers:
+        for layer in self.pruned:
             pad = (0, 0, 0, extra)
             layer.keys = torch.nn.functional.pad(layer.keys, pad)
             layer.values = torch.nn.functional.pad(layer.values, pad)
@@ -152,7 +171,7 @@ class PrunedCache(Cache):
 
     def _mark_null_slot(self) -> None:
         if self.null_slot:
-            for layer in self.layers:
+            for layer in self.pruned:
                 layer.positions[..., -1] = NULL_POSITION
 
     # --- inside the compiled graph -----------------------------------------------------------
@@ -172,14 +191,14 @@ class PrunedCache(Cache):
         """Bytes held by the K/V buffers of all layers (positions not included); 0 before the
         first prompt."""
         return sum(
-            layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized
+            layer.keys.nbytes + layer.values.nbytes for layer in self.pruned if layer.is_initialized
         )
 
     def kv_bytes_per_token(self) -> int:
         """K+V bytes of one token summed over layers and KV heads; 0 before the first prompt."""
         return sum(
             2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
-            for layer in self.layers
+            for layer in self.pruned
             if layer.is_initialized
         )
 
@@ -187,4 +206,4 @@ class PrunedCache(Cache):
         return self.seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return self.layers[layer_idx].get_mask_sizes(query_length)
+        return self.pruned[0].get_mask_sizes(query_length)  # every pruned layer alike

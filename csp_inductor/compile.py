@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.masking_utils import AttentionMaskInterface
 
 try:
     from transformers.utils import output_capturing as _output_capturing
@@ -38,15 +39,7 @@ except ImportError:  # a transformers without output capturing: nothing to reset
 
 from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask
 from .cache import LayerSpec, PrunedCache
-from .integration import (
-    Adapter,
-    adapter_for,
-    csp_attention,
-    find_decoder,
-    image_blocks,
-    image_token_ids,
-    modality,
-)
+from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
 from .ops import register_policy
 from .policies import CSP, Policy
 
@@ -94,9 +87,8 @@ class Backend:
             )
         self.null_logit = None if decode_softmax_n is None else math.log(decode_softmax_n)
         self.model = model
-        self.adapter: Adapter = adapter_for(model)
-        self.decoder = find_decoder(model, self.adapter)
-        self.token_ids = image_token_ids(model, self.adapter)
+        self.family: Family = detect(model, ATTN_NAME)
+        self.decoder = self.family.decoder
         self.policy_index = torch.zeros((), dtype=torch.long)  # read by the compiled graph
         self.policy = policy
         device = next(self.decoder.parameters()).device
@@ -108,7 +100,6 @@ class Backend:
         self.cache = self.new_cache()  # the cache of the last forward that had one
         self.is_image: torch.Tensor | None = None
         self.key_padding: torch.Tensor | None = None
-        self.image_blocks: torch.Tensor | None = None  # bidirectional images (prefill)
         self.block_masks: dict[int | None, object] = {}
         # the 2D attention mask generate had for its next forward (None = no padding)
         self.from_generate, self.prompt_mask = False, None
@@ -145,13 +136,15 @@ class Backend:
     def install(self) -> None:
         model = self.model
         AttentionInterface.register(ATTN_NAME, csp_attention)
+        AttentionMaskInterface.register(ATTN_NAME, model_mask)
         previous = _attn_implementations(model)
-        target = {"text_config": ATTN_NAME} if self.adapter.multimodal else ATTN_NAME
-        model.set_attn_implementation(target)
+        model.set_attn_implementation(self.family.attn_target)
         self._undo.append(lambda: model.set_attn_implementation(previous))
         for layer in self.decoder.layers:
-            layer.self_attn.csp_backend = self
-            self._undo.append(functools.partial(delattr, layer.self_attn, "csp_backend"))
+            for attn in layer.modules():
+                if hasattr(attn, "layer_idx") and not hasattr(attn, "csp_backend"):
+                    attn.csp_backend = self
+                    self._undo.append(functools.partial(delattr, attn, "csp_backend"))
         # positional forward arguments are named once, not per decode step
         self.forward_params = list(inspect.signature(model.forward).parameters)
         # transformers 5.24 renamed the cache argument (the old name still works, deprecated)
@@ -168,7 +161,9 @@ class Backend:
         self._undo.append(functools.partial(delattr, model, "prepare_inputs_for_generation"))
         if self.compile:
             decoder = self.decoder
-            decoder.forward = self.compiled = CompiledForward(decoder.forward, dynamic=self.dynamic)
+            decoder.forward = self.compiled = CompiledForward(
+                decoder.forward, dynamic=self.dynamic, keep_mask=self.family.recurrent
+            )
             self._undo.append(functools.partial(delattr, decoder, "forward"))
         model.csp_backend = self
         self._undo.append(functools.partial(delattr, model, "csp_backend"))
@@ -179,13 +174,15 @@ class Backend:
 
     # --- caches -------------------------------------------------------------------------------
     def layer_specs(self) -> list[LayerSpec]:
-        specs = []
-        for layer in self.decoder.layers:
-            attn = layer.self_attn
-            cfg = attn.config
-            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            specs.append(LayerSpec(kv_heads, head_dim, getattr(attn, "sliding_window", None)))
+        specs, family = [], self.family
+        for i, (layer, kind) in enumerate(zip(self.decoder.layers, family.layer_types, strict=True)):
+            if kind == "recurrent":
+                states = getattr(self.decoder.config, "number_of_conv_states", 1)
+                specs.append(LayerSpec(kind="recurrent", states=states))
+            elif kind == "shared":
+                specs.append(LayerSpec(kind="shared"))
+            else:
+                specs.append(LayerSpec(*_kv_shape(layer), family.windows[i]))
         return specs
 
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
@@ -255,9 +252,6 @@ class Backend:
                     )
                 mask = prompt_mask
             self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, batch, q_len, cache)
-            # like the model: images are bidirectional when it is given their token types
-            blocks = kwargs.get("token_type_ids") if self.adapter.bidirectional_images else None
-            self.image_blocks = None if blocks is None else image_blocks(blocks == 1)
         elif cache.room() < q_len:
             cache.grow(max(q_len, self.decode_capacity))
             self.block_masks.clear()
@@ -270,9 +264,9 @@ class Backend:
 
     def _prepare_prompt(self, ids, token_types, mask, batch, q_len, cache) -> None:
         param = next(self.decoder.parameters())
-        is_image = modality(self.adapter, self.token_ids, ids, token_types)
+        is_image = modality(self.family, ids, token_types)
         if is_image is None:
-            if self.adapter.multimodal:
+            if self.family.multimodal:
                 raise ValueError(
                     "csp_inductor needs input_ids (or mm_token_type_ids) at prefill to know "
                     "which prompt tokens are visual; got inputs_embeds only"
@@ -298,9 +292,9 @@ class Backend:
         if self.block_masks:
             return
         q_heads = self.decoder.config.num_attention_heads
-        for i, layer in enumerate(cache.layers):
+        for layer in cache.pruned:
             window = layer.spec.sliding_window
-            key = i if window else None
+            key = layer.index if window else None
             if key not in self.block_masks:
                 self.block_masks[key] = decode_block_mask(
                     cache.lengths, layer.positions, cache.seen, window, q_heads, q_len,
@@ -346,8 +340,9 @@ class CompiledForward:
     ``graphs`` counts the graphs compiled for this decoder.
     """
 
-    def __init__(self, forward, *, dynamic: bool):
+    def __init__(self, forward, *, dynamic: bool, keep_mask: bool = False):
         self.eager = forward
+        self.keep_mask = keep_mask
         self.graphs = 0  # graphs compiled so far
         self.failure: str | None = None  # why this forward runs eagerly, once it does
 
@@ -371,11 +366,13 @@ class CompiledForward:
             return self.eager(*args, **kwargs)
         # Every parameter by name, defaults included: a plain forward and generate (which pass
         # different subsets) then differ in values only, not in the arity Dynamo guards on.
-        # The attention mask is not passed: the backend's attention builds its own masks and
-        # transformers builds none for it, so the mask would only be a guard (None vs tensor).
+        # A 2D attention mask is not passed (the backend's attention applies the padding
+        # itself), so it is not a guard (None vs tensor), except where recurrent layers read it.
+        # Masks the model built already (a dict or 4D: its bidirectional blocks) are passed.
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        if "attention_mask" in bound.arguments:
+        mask = bound.arguments.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not self.keep_mask:
             bound.arguments["attention_mask"] = None
         try:
             return self.compiled(*bound.args, **bound.kwargs)
@@ -441,7 +438,23 @@ def _attn_implementations(model: nn.Module) -> dict | str:
     subs = getattr(config, "sub_configs", {}) or {}
     if not subs:
         return config._attn_implementation
-    return {name: getattr(config, name)._attn_implementation for name in subs}
+    return {
+        name: getattr(config, name)._attn_implementation
+        for name in subs
+        if getattr(config, name, None) is not None
+    }
+
+
+def _kv_shape(layer: nn.Module) -> tuple[int, int]:
+    """(KV heads, head dim) of a decoder layer's self-attention, from its module (layers of one
+    model may differ, e.g. Gemma 4's global layers)."""
+    attn = self_attention(layer)
+    cfg = attn.config
+    head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    k_proj = getattr(attn, "k_proj", None)
+    if isinstance(k_proj, nn.Linear):
+        return k_proj.out_features // head_dim, head_dim
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
 
 
 def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Module:

@@ -1,109 +1,230 @@
-"""transformers integration: one small adapter per model family, and the attention function.
+"""transformers integration: what the backend needs to know about a model, and the attention and
+mask functions it registers.
 
-An adapter says where the language model's decoder is and how a prompt marks its visual
-tokens. Everything else (the attention function, the cache, the hooks) is shared.
+Everything is detected from the model and its config (:func:`detect`): the text decoder, which
+of its layers are attention layers (and which hold recurrent states or reuse another layer's
+K/V), each layer's sliding window, and how a prompt marks its visual tokens. The few families
+detection cannot handle are in :data:`EXCEPTIONS`, with the reason.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.masking_utils import sdpa_mask
 
 from .attention import decode_attention, prefill_attention
 from .profiling import label
 
+# config attributes holding the ids of placeholder tokens that stand for visual (or audio)
+# input: the tokens CSP treats as the image modality
+PLACEHOLDER_ATTRS = (
+    "image_token_id", "image_token_index", "video_token_id", "video_token_index",
+    "audio_token_id", "audio_token_index",
+)  # fmt: skip
+# decoder layer types (transformers' ``layer_types``) by what the cache holds for them
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+RECURRENT_TYPES = ("linear_attention", "conv")  # conv/recurrent states, kept whole
 
-@dataclass(frozen=True)
-class Adapter:
-    """How one model family is wired.
-
-    ``decoder``: attribute path from the top-level model to the text decoder (the module with
-    ``.layers``). ``image_token_attrs``: config attributes holding the ids of visual
-    placeholder tokens (image and video). ``token_types``: the model's forward takes
-    ``mm_token_type_ids`` (0 text, 1 image, 2 video), a ready modality tensor.
-    ``bidirectional_images``: the model lets the tokens of one image attend to each other
-    during prefill.
-    """
-
-    decoder: str
-    image_token_attrs: tuple[str, ...] = ()
-    token_types: bool = False
-    bidirectional_images: bool = False
-
-    @property
-    def multimodal(self) -> bool:
-        return bool(self.image_token_attrs)
-
-
-ADAPTERS: dict[str, Adapter] = {
-    "llava": Adapter("model.language_model", ("image_token_id",)),
-    "llava_next": Adapter("model.language_model", ("image_token_id",)),
-    "qwen2_vl": Adapter(
-        "model.language_model", ("image_token_id", "video_token_id"), token_types=True
+# Families detection would accept but the backend cannot serve, and why.
+EXCEPTIONS: dict[str, str] = {
+    "mllama": (
+        "images reach Mllama's decoder only as cross-attention K/V; its self-attention cache "
+        "holds text and one placeholder per image, so there is nothing visual to prune"
     ),
-    "qwen2_5_vl": Adapter(
-        "model.language_model", ("image_token_id", "video_token_id"), token_types=True
-    ),
-    "idefics3": Adapter("model.text_model", ("image_token_id",)),
-    "smolvlm": Adapter("model.text_model", ("image_token_id",)),
-    "gemma3": Adapter("model.language_model", ("image_token_id",), bidirectional_images=True),
-    "llama": Adapter("model"),
-    "qwen2": Adapter("model"),
 }
 
 
-def adapter_for(model: nn.Module) -> Adapter:
+@dataclass
+class Family:
+    """What :func:`detect` found. ``layer_types[i]`` is ``"attention"`` (pruned),
+    ``"recurrent"`` (states kept as transformers keeps them) or ``"shared"`` (reads the K/V of
+    layer ``kv_source[i]``); ``windows[i]`` the sliding window of attention layer ``i``."""
+
+    model_type: str
+    decoder: nn.Module
+    attn_target: str | dict[str, str]  # what set_attn_implementation selects our attention with
+    token_ids: tuple[int, ...]  # visual placeholder ids
+    token_types: bool  # forward takes mm_token_type_ids (0 text, > 0 visual)
+    layer_types: list[str]
+    windows: list[int | None]
+    kv_source: dict[int, int] = field(default_factory=dict)
+    cache_kinds: list[str] = field(default_factory=list)  # transformers' cache layer types
+
+    @property
+    def multimodal(self) -> bool:
+        return bool(self.token_ids) or self.token_types
+
+    @property
+    def recurrent(self) -> bool:
+        return "recurrent" in self.layer_types
+
+
+def _unsupported(model: nn.Module, why: str) -> TypeError:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise TypeError(
-            f"csp_inductor has no adapter for model_type={model_type!r} "
-            f"({type(model).__name__}); supported families: {sorted(ADAPTERS)}"
+    return TypeError(
+        f"csp_inductor cannot serve model_type={model_type!r} ({type(model).__name__}): {why}"
+    )
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The text decoder: ``model.get_decoder()``, descending through ``.model`` until a module
+    with ``.layers``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    while not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        inner = getattr(decoder, "model", None)
+        if not isinstance(inner, nn.Module) or inner is decoder:
+            raise _unsupported(
+                model, f"its decoder ({type(decoder).__name__}, from get_decoder()) has no "
+                "`.layers` list of decoder layers",
+            )  # fmt: skip
+        decoder = inner
+    return decoder
+
+
+def self_attention(layer: nn.Module) -> nn.Module | None:
+    for name in ("self_attn", "attention", "attn"):
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module) and hasattr(module, "layer_idx"):
+            return module
+    return None
+
+
+def _attn_target(model: nn.Module, decoder: nn.Module, name: str) -> str | dict[str, str]:
+    config = model.config
+    if decoder.config is config:
+        return name
+    for sub in getattr(config, "sub_configs", {}) or {}:
+        if getattr(config, sub, None) is decoder.config:
+            return {sub: name}
+    raise _unsupported(model, "its decoder's config is neither the model's nor one of its sub-configs")
+
+
+def _layer_kinds(model: nn.Module, text_config) -> list[str]:
+    """transformers' cache layer type of every decoder layer (what its own cache would hold)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return list(get_layer_types_and_kwargs(text_config)[0])
+
+
+def _kv_sources(text_config, kinds: list[str]) -> dict[int, int]:
+    """Layers that reuse another layer's K/V (Gemma 3n/4): consumer -> the last storing layer of
+    its type."""
+    modes = getattr(text_config, "kv_sharing_modes", None)
+    if modes is None:
+        return {}
+    types, last, sources = list(text_config.layer_types), {}, {}
+    for i, mode in enumerate(modes):
+        if mode == "reuse":
+            if types[i] not in last:
+                raise TypeError(f"layer {i} reuses the K/V of a {types[i]} layer that precedes none")
+            sources[i] = last[types[i]]
+        else:
+            last[types[i]] = i
+    return sources
+
+
+def detect(model: nn.Module, attn_name: str) -> Family:
+    """Inspect ``model`` (a transformers causal LM or VLM); raise a TypeError naming what is
+    missing when the backend cannot serve it."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise _unsupported(model, "it is not a transformers model (no config)")
+    if model_type in EXCEPTIONS:
+        raise _unsupported(model, EXCEPTIONS[model_type])
+    decoder = find_decoder(model)
+    text = decoder.config
+    kinds = _layer_kinds(model, text)
+    if len(kinds) != len(decoder.layers):
+        raise _unsupported(
+            model, f"its config lists {len(kinds)} layer types for {len(decoder.layers)} layers"
         )
-    return ADAPTERS[model_type]
-
-
-def find_decoder(model: nn.Module, adapter: Adapter) -> nn.Module:
-    module = model
-    for name in adapter.decoder.split("."):
-        module = getattr(module, name, None)
-        if module is None:
-            raise TypeError(
-                f"{type(model).__name__} has no {adapter.decoder!r}; is it a generation model "
-                f"of family {model.config.model_type!r}?"
-            )
-    return module
-
-
-def image_token_ids(model: nn.Module, adapter: Adapter) -> list[int]:
-    return [
-        int(getattr(model.config, attr))
-        for attr in adapter.image_token_attrs
-        if getattr(model.config, attr, None) is not None
-    ]
+    sources = _kv_sources(text, kinds)
+    layer_types, windows = [], []
+    for i, (layer, kind) in enumerate(zip(decoder.layers, kinds, strict=True)):
+        attn = self_attention(layer)
+        window = None
+        if i in sources:
+            layer_types.append("shared")
+        elif kind in RECURRENT_TYPES:
+            layer_types.append("recurrent")
+        elif kind in ATTENTION_TYPES:
+            if attn is None or attn.layer_idx != i:
+                raise _unsupported(model, f"decoder layer {i} has no self-attention module "
+                                   "with layer_idx")  # fmt: skip
+            if getattr(attn, "kv_lora_rank", None) is not None:
+                raise _unsupported(model, "multi-head latent attention (MLA) caches are not "
+                                   "supported yet")  # fmt: skip
+            layer_types.append("attention")
+            if kind == "sliding_attention":
+                window = getattr(attn, "sliding_window", None) or text.sliding_window
+        else:
+            raise _unsupported(
+                model, f"decoder layer {i} is of type {kind!r}; supported: {ATTENTION_TYPES} "
+                f"(pruned) and {RECURRENT_TYPES} (kept whole)",
+            )  # fmt: skip
+        windows.append(window)
+    if "attention" not in layer_types:
+        raise _unsupported(model, "its decoder has no self-attention layer to prune")
+    token_ids = tuple(
+        dict.fromkeys(
+            int(getattr(config, attr))
+            for attr in PLACEHOLDER_ATTRS
+            if isinstance(getattr(config, attr, None), int)
+        )
+    )
+    token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+    return Family(
+        model_type=model_type, decoder=decoder, attn_target=_attn_target(model, decoder, attn_name),
+        token_ids=token_ids, token_types=token_types, layer_types=layer_types, windows=windows,
+        kv_source=sources, cache_kinds=kinds,
+    )  # fmt: skip
 
 
 def modality(
-    adapter: Adapter, token_ids: list[int], input_ids: Tensor | None, token_types: Tensor | None
+    family: Family, input_ids: Tensor | None, token_types: Tensor | None
 ) -> Tensor | None:
     """(batch, seq) bool, True for visual tokens; None when it cannot be known."""
-    if adapter.token_types and token_types is not None:
+    if family.token_types and token_types is not None:
         return token_types > 0
     if input_ids is None:
         return None
     is_image = torch.zeros_like(input_ids, dtype=torch.bool)
-    for token in token_ids:
+    for token in family.token_ids:
         is_image |= input_ids == token
     return is_image
 
 
-def image_blocks(is_image: Tensor) -> Tensor:
-    """(batch, seq) long: the index of the image (run of visual tokens) each token is in, -1
-    for text. Tokens of one image attend to each other when ``bidirectional_images``."""
-    previous = torch.nn.functional.pad(is_image, (1, 0), value=False)[:, :-1]
-    starts = is_image & ~previous
-    return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
+def model_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    allow_is_causal_skip: bool = True,
+    device: torch.device | str = "cpu",
+    **kwargs,
+) -> Tensor | None:
+    """The function registered with transformers' mask interface for the backend's attention.
+
+    At prefill it returns the mask the model asks for, unless that is what the backend's
+    attention builds by itself (causal, the layer's sliding window, the prompt's padding):
+    then None. Otherwise (bidirectional image blocks, prefix blocks, any overlay) it is the
+    model's mask as a dense (batch, 1, L, L) bool tensor, padding left to the backend. At decode
+    (keys are the pruned cache, not the prompt) it returns None: decode masks are the backend's.
+    """
+    if kv_length != q_length or allow_is_causal_skip:
+        return None
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
+        allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False), device=device,
+    )  # fmt: skip
 
 
 def csp_attention(
@@ -114,36 +235,41 @@ def csp_attention(
     attention_mask: Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """The function registered with transformers' ``AttentionInterface``.
 
-    query (b, hq, t, d); key/value (b, hkv, t or capacity, d) as the cache returned them.
+    query (b, hq, t, d); key/value (b, hkv, t or capacity, d) as the cache returned them;
+    ``attention_mask`` what :func:`model_mask` made (None or the model's dense prefill mask).
     Returns (b, t, hq, d) and no attention weights.
     """
     backend = module.csp_backend
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = getattr(module, "sliding_window", None)
+    index = module.layer_idx
+    window = backend.family.windows[backend.family.kv_source.get(index, index)]
     cache = backend.active
     if cache is None or cache.phase == "prefill":
+        model_mask = attention_mask if isinstance(attention_mask, Tensor) else None
         with label("csp::prefill_attention"):
             out = prefill_attention(
                 query, key, value, scale=scale, key_padding=backend.key_padding,
-                sliding_window=window, kernel=backend.kernel, image_blocks=backend.image_blocks,
+                sliding_window=None if model_mask is not None else window,
+                kernel=backend.kernel, model_mask=model_mask,
             )  # fmt: skip
-        if cache is not None:
-            layer = cache.layers[module.layer_idx]
+        if cache is not None and index not in backend.family.kv_source:
+            layer = cache.layers[index]
             torch.ops.csp_inductor.compact_(
                 query, key, value, backend.is_image, backend.key_padding, layer.keys,
                 layer.values, layer.positions, cache.lengths, backend.policy_index, scale,
             )  # fmt: skip
         return out, None
-    layer = cache.layers[module.layer_idx]
+    layer = cache.layers[backend.family.kv_source.get(index, index)]
     with label("csp::decode_attention"):
         out = decode_attention(
             query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
             scale=scale, sliding_window=window, kernel=backend.kernel,
-            block_mask=backend.block_masks.get(module.layer_idx if window else None),
+            block_mask=backend.block_masks.get(layer.index if window else None),
             null_logit=backend.null_logit,
         )  # fmt: skip
     return out, None

@@ -199,10 +199,10 @@ CASES = [
     ),
     # compile and the backend
     (
-        "no adapter",
+        "not a transformers model",
         lambda m, i: csp_inductor.compile(torch.nn.Linear(2, 2)),
         TypeError,
-        r"no adapter for model_type=None \(Linear\); supported families: \[.*'llava'",
+        r"cannot serve model_type=None \(Linear\): it is not a transformers model",
     ),
     (
         "policy string",
