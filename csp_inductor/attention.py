@@ -159,10 +159,13 @@ def prefill_attention(
     """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d).
 
     ``model_mask`` (b or 1, 1, L, L) bool: the model's own mask (bidirectional image or prefix
-    blocks, ...), used instead of the causal one; padding is still applied here."""
-    b, _, seq, _ = q.shape
-    dense = None if model_mask is None else model_mask[:, 0].expand(b, seq, seq)
-    if kernel == "flex":
+    blocks, ...), used instead of the causal one; padding is still applied here. Queries may be
+    only the prompt's last ones (q (b, hq, t, d), t < L: a model that computes only the tokens
+    it returns logits for in its last layers, as Gemma 4's KV-shared layers do)."""
+    b, _, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    dense = None if model_mask is None else model_mask[:, 0].expand(b, q_len, kv_len)
+    if kernel == "flex" and q_len == kv_len:
         if dense is not None:
             mods = [dense_mask(dense)]
             if key_padding is not None:
@@ -174,19 +177,22 @@ def prefill_attention(
         mask_mod = and_masks(*mods) if len(mods) > 1 else mods[0]
         block_mask = torch.nn.attention.flex_attention.create_block_mask(
             mask_mod, b if key_padding is not None or dense is not None else None, None,
-            seq, seq, device=q.device,
+            q_len, kv_len, device=q.device,
         )  # fmt: skip
         out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
-    if key_padding is None and sliding_window is None and dense is None:
+    plain = key_padding is None and sliding_window is None and dense is None
+    if plain and q_len == kv_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
-    pos = torch.arange(seq, device=q.device)
-    allowed = (pos[None, :] <= pos[:, None])[None] if dense is None else dense
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+    k_pos = torch.arange(kv_len, device=q.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] if dense is None else dense
     if key_padding is not None:
-        allowed = allowed & (~key_padding[:, None, :] | key_padding[:, :, None])
+        q_padding = key_padding[:, kv_len - q_len :]
+        allowed = allowed & (~key_padding[:, None, :] | q_padding[:, :, None])
     if sliding_window is not None:
-        allowed = allowed & (pos[:, None] - pos[None, :] < sliding_window)
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < sliding_window)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True
     )

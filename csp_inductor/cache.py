@@ -85,7 +85,7 @@ class PrunedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.keys.shape[2]
 
-    get_max_cache_shape = get_max_length  # its name before transformers 5.3
+    get_max_cache_shape = get_max_length  # its name before transformers 5.13
 
     def reset(self) -> None:
         for t in (self.keys, self.values):

@@ -439,9 +439,12 @@ def _attn_implementations(model: nn.Module) -> dict | str:
     if not subs:
         return config._attn_implementation
     return {
-        name: getattr(config, name)._attn_implementation
-        for name in subs
-        if getattr(config, name, None) is not None
+        "": config._attn_implementation,
+        **{
+            name: getattr(config, name)._attn_implementation
+            for name in subs
+            if getattr(config, name, None) is not None
+        },
     }
 
 

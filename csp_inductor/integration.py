@@ -31,10 +31,13 @@ RECURRENT_TYPES = ("linear_attention", "conv")  # conv/recurrent states, kept wh
 
 # Families detection would accept but the backend cannot serve, and why.
 EXCEPTIONS: dict[str, str] = {
-    "mllama": (
-        "images reach Mllama's decoder only as cross-attention K/V; its self-attention cache "
-        "holds text and one placeholder per image, so there is nothing visual to prune"
-    ),
+    **{
+        name: (
+            "images reach its decoder only as cross-attention K/V; the self-attention cache "
+            "holds text and one placeholder per image, so there is nothing visual to prune"
+        )
+        for name in ("mllama", "idefics")
+    },
 }
 
 
@@ -95,12 +98,17 @@ def self_attention(layer: nn.Module) -> nn.Module | None:
 
 def _attn_target(model: nn.Module, decoder: nn.Module, name: str) -> str | dict[str, str]:
     config = model.config
-    if decoder.config is config:
-        return name
-    for sub in getattr(config, "sub_configs", {}) or {}:
+    if decoder.config is config:  # "" is the top-level config alone (not a vision tower's)
+        has_subs = any(getattr(config, sub, None) is not None for sub in _sub_configs(config))
+        return {"": name} if has_subs else name
+    for sub in _sub_configs(config):
         if getattr(config, sub, None) is decoder.config:
             return {sub: name}
     raise _unsupported(model, "its decoder's config is neither the model's nor one of its sub-configs")
+
+
+def _sub_configs(config) -> list[str]:
+    return list(getattr(config, "sub_configs", {}) or {})
 
 
 def _layer_kinds(model: nn.Module, text_config) -> list[str]:
@@ -178,6 +186,13 @@ def detect(model: nn.Module, attn_name: str) -> Family:
         )
     )
     token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+    visual = [sub for sub in _sub_configs(config) if "vision" in sub and getattr(config, sub, None)]
+    if visual and not token_ids and not token_types:
+        raise _unsupported(
+            model, f"it has a {visual[0]} but no visual placeholder token id (looked for "
+            f"{', '.join(PLACEHOLDER_ATTRS)} in its config) and its forward takes no "
+            "mm_token_type_ids, so visual tokens cannot be told from text",
+        )  # fmt: skip
     return Family(
         model_type=model_type, decoder=decoder, attn_target=_attn_target(model, decoder, attn_name),
         token_ids=token_ids, token_types=token_types, layer_types=layer_types, windows=windows,

@@ -1,0 +1,123 @@
+"""Every family the backend serves, built tiny from transformers' own config defaults.
+
+Per family (decoder with text and image placeholder tokens, no pixels: the vision tower is the
+model's, the decoder and its cache are ours), through greedy ``generate``:
+
+- ``Full()`` (batch 1) and ``CSP(budget=1.0)`` (batch 2, left padding) give the unmodified
+  model's tokens and logits, eagerly;
+- ``CSP(budget=0.2)`` keeps the policy's count (≈20%) of every row's real tokens in every
+  attention layer, and stores correspondingly fewer bytes;
+- compiled, ``Full()`` on the padded batch matches the model, and a second prompt of another
+  length compiles no new graph.
+"""
+
+import os
+
+import pytest
+import torch
+
+import csp_inductor
+from csp_inductor.testing import placeholder_inputs, tiny_family_model
+
+NEW_TOKENS = 6
+PADS = [0, 5]
+MATRIX = (
+    "aria", "aya_vision", "cohere2_vision", "deepseek_vl", "exaone4_5", "gemma3", "gemma3n_text",
+    "gemma4", "glm4v", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3", "internvl",
+    "lfm2_vl", "lighton_ocr", "llava", "llava_next", "llava_next_video", "llava_onevision",
+    "minicpmv4_6", "mistral3", "molmo2", "paligemma", "qianfan_ocr", "qwen2_vl", "qwen2_5_vl",
+    "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
+    "video_llama_3", "video_llava", "vipllava",
+)  # fmt: skip
+# Compiled in every run: one family per kind of decoder (plain; sliding windows and the model's
+# own bidirectional image mask; prefix mask; multimodal rotary with token types; short-conv
+# hybrid; shared K/V; linear-attention hybrid). CSP_COMPILE_ALL_FAMILIES=1 compiles them all.
+COMPILED = ("llava", "gemma3", "paligemma", "qwen3_vl", "lfm2_vl", "gemma4", "qwen3_5")
+# Families the backend refuses, and the reason it gives.
+REFUSED = {
+    "mllama": "only as cross-attention K/V",
+    "kimi_k25": "multi-head latent attention",
+    "llama4": "'chunked_attention'",
+}
+
+
+def generate(model, inputs):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def assert_same(got, want):
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+    assert got[0].tolist() == want[0].tolist()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=MATRIX)
+def family(request):
+    """A tiny model of the family, its inputs and the unmodified model's outputs."""
+    model = tiny_family_model(request.param)
+    inputs = {
+        "b1": placeholder_inputs(model),
+        "b2": placeholder_inputs(model, batch=2, pads=PADS),
+        "b2_long": placeholder_inputs(model, batch=2, pads=PADS, length=120, seed=1),
+    }
+    refs = {key: generate(model, value) for key, value in inputs.items()}
+    return model, inputs, refs
+
+
+def test_keep_all_is_exact(family):
+    model, inputs, refs = family
+    csp_inductor.compile(model, csp_inductor.Full(), compile=False)
+    try:
+        assert_same(generate(model, inputs["b1"]), refs["b1"])
+        model.csp_backend.policy = csp_inductor.CSP(budget=1.0)
+        assert_same(generate(model, inputs["b2"]), refs["b2"])
+        model.csp_backend.policy = csp_inductor.Full()
+        generate(model, inputs["b2"])
+        full_bytes = model.csp_backend.cache.nbytes()
+        policy = model.csp_backend.policy = csp_inductor.CSP(budget=0.2)
+        tokens, logits = generate(model, inputs["b2"])
+        cache = model.csp_backend.cache
+    finally:
+        csp_inductor.restore(model)
+    assert tokens.shape == (2, NEW_TOKENS) and torch.isfinite(logits).all()
+    real = inputs["b2"]["attention_mask"].sum(dim=1).tolist()
+    assert cache.kept_prompt == [policy.budget_for(n).kept for n in real]
+    assert all(0.15 * n <= kept <= 0.25 * n for kept, n in zip(cache.kept_prompt, real, strict=True))
+    # every attention layer is pruned (decode room is the same for both)
+    room = NEW_TOKENS
+    assert cache.nbytes() < full_bytes * (max(cache.kept_prompt) + room) / (max(real) + room) * 1.5
+
+
+def test_compiled_is_exact_without_recompiling(family):
+    model, inputs, refs = family
+    if model.config.model_type not in COMPILED and not os.environ.get("CSP_COMPILE_ALL_FAMILIES"):
+        pytest.skip("compiled for one family per kind of decoder (CSP_COMPILE_ALL_FAMILIES=1: all)")
+    csp_inductor.compile(model, csp_inductor.Full())
+    try:
+        assert_same(generate(model, inputs["b2"]), refs["b2"])
+        graphs = model.csp_backend.graphs
+        assert_same(generate(model, inputs["b2_long"]), refs["b2_long"])
+        assert model.csp_backend.graphs == graphs
+        assert model.csp_backend.fallback is None
+    finally:
+        csp_inductor.restore(model)
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_unsupported_family_is_refused_with_the_reason(model_type):
+    model = tiny_family_model(model_type)
+    with pytest.raises(TypeError, match=f"cannot serve model_type='{model_type}'.*{REFUSED[model_type]}"):
+        csp_inductor.compile(model)
+    assert getattr(model, "csp_backend", None) is None
