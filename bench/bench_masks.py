@@ -50,5 +50,10 @@ def test_prefill_mask_memory(benchmark, length, images):
     nbytes = 0 if mask is None else mask.untyped_storage().nbytes()
     assert (mask is not None) == images
     peak = peak_rss_growth(setup, RUN)
-    record(benchmark, shapes={"length": length, "images": images}, mask_bytes=nbytes,
-           mask_mib=nbytes / 2**20, peak_rss_growth_mib=None if peak is None else peak / 2**20)  # fmt: skip
+    record(
+        benchmark,
+        shapes={"length": length, "images": images},
+        mask_bytes=nbytes,
+        mask_mib=nbytes / 2**20,
+        peak_rss_growth_mib=None if peak is None else peak / 2**20,
+    )

@@ -175,7 +175,9 @@ class Backend:
     # --- caches -------------------------------------------------------------------------------
     def layer_specs(self) -> list[LayerSpec]:
         specs, family = [], self.family
-        for i, (layer, kind) in enumerate(zip(self.decoder.layers, family.layer_types, strict=True)):
+        for i, (layer, kind) in enumerate(
+            zip(self.decoder.layers, family.layer_types, strict=True)
+        ):
             if kind == "recurrent":
                 states = getattr(self.decoder.config, "number_of_conv_states", 1)
                 specs.append(LayerSpec(kind="recurrent", states=states))

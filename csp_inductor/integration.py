@@ -104,7 +104,9 @@ def _attn_target(model: nn.Module, decoder: nn.Module, name: str) -> str | dict[
     for sub in _sub_configs(config):
         if getattr(config, sub, None) is decoder.config:
             return {sub: name}
-    raise _unsupported(model, "its decoder's config is neither the model's nor one of its sub-configs")
+    raise _unsupported(
+        model, "its decoder's config is neither the model's nor one of its sub-configs"
+    )
 
 
 def _sub_configs(config) -> list[str]:
@@ -128,7 +130,9 @@ def _kv_sources(text_config, kinds: list[str]) -> dict[int, int]:
     for i, mode in enumerate(modes):
         if mode == "reuse":
             if types[i] not in last:
-                raise TypeError(f"layer {i} reuses the K/V of a {types[i]} layer that precedes none")
+                raise TypeError(
+                    f"layer {i} reuses the K/V of a {types[i]} layer that precedes none"
+                )
             sources[i] = last[types[i]]
         else:
             last[types[i]] = i
@@ -200,9 +204,7 @@ def detect(model: nn.Module, attn_name: str) -> Family:
     )  # fmt: skip
 
 
-def modality(
-    family: Family, input_ids: Tensor | None, token_types: Tensor | None
-) -> Tensor | None:
+def modality(family: Family, input_ids: Tensor | None, token_types: Tensor | None) -> Tensor | None:
     """(batch, seq) bool, True for visual tokens; None when it cannot be known."""
     if family.token_types and token_types is not None:
         return token_types > 0

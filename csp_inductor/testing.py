@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .budget import Budget
+from .integration import PLACEHOLDER_ATTRS
 from .policies import CSP, H2O, KNorm, LookM, Policy, RandomKeep, SnapKV, StreamingLLM
 
 
@@ -406,19 +407,19 @@ TINY_OVERRIDES: dict[str, tuple[dict, dict]] = {
     "molmo2": ({}, {"adapter_config": {"vision_feature_layer": [-1]}}),
     # the multimodal rotary sections must add up to half the (tiny) head dim
     **{
-        name: ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                    "mrope_section": [2, 3, 3]}}, {})  # fmt: skip
-        for name in ("qwen2_vl", "qwen2_5_vl")
+        name: ({"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}, {})
+        for name in ("qwen2_vl", "qwen2_5_vl", "glm4v")
     },
-    "glm4v": ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                   "mrope_section": [2, 3, 3]}}, {}),  # fmt: skip
     # the last two layers reuse the K/V of the last sliding and the last full layer before them
     **{
         name: (
-            {"layer_types": ["sliding_attention", "full_attention"] * 2, "num_kv_shared_layers": 2,
-             "activation_sparsity_pattern": [0.0] * 4},
+            {
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+                "num_kv_shared_layers": 2,
+                "activation_sparsity_pattern": [0.0] * 4,
+            },
             {},
-        )  # fmt: skip
+        )
         for name in ("gemma3n_text", "gemma4")
     },
 }
@@ -459,9 +460,10 @@ def tiny_family_config(model_type: str):
         elif sub is not None:
             top[name] = _shrunk(sub.to_dict(), TINY_VISION)
     for key, value in default.to_dict().items():
-        if key.endswith(("_token_id", "_token_index")) and isinstance(value, int):
+        placeholder = key in PLACEHOLDER_ATTRS  # defaults may leave them to checkpoints (None)
+        if key.endswith(("_token_id", "_token_index")) and (isinstance(value, int) or placeholder):
             kind = key.split("_")[0]
-            top[key] = TINY_PLACEHOLDERS.get(kind, min(value, TINY_VOCAB + 16))
+            top[key] = TINY_PLACEHOLDERS.get(kind) or min(value, TINY_VOCAB + 16)
     for key, value in top_over.items():
         top[key] = {**top[key], **value} if isinstance(value, dict) else value
     return type(default)(**top)
