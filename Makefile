@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench
+# The lowest supported transformers (pyproject.toml), checked in an environment of its own.
+FLOOR_VENV ?= .venv-floor
+FLOOR_TRANSFORMERS ?= transformers==5.23.0
+
+.PHONY: setup demo test test-floor lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +24,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+	$(MAKE) test-floor
+
+$(FLOOR_VENV)/.installed: pyproject.toml
+	python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q $(TORCH)
+	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[test]" $(FLOOR_TRANSFORMERS)
+	touch $@
+
+# the backend and the family matrix (eagerly; compiled: two families) on the floor
+test-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -m pytest tests/test_backend.py tests/test_families.py \
+		tests/test_family_matrix.py -k "not compiled_is_exact or llava or gemma3"
 
 lint: setup
 	$(VENV)/bin/ruff check .

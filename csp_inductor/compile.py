@@ -2,8 +2,9 @@
 
 What it changes, all undone by :func:`restore`:
 
-1. registers the ``"csp_inductor"`` attention function with transformers and selects it for
-   the language model only (the vision tower keeps its own attention);
+1. registers the ``"csp_inductor"`` attention and mask functions with transformers and selects
+   them for the text decoder only (the vision tower keeps its own attention); the decoder and
+   its layers are detected from the model (:func:`~csp_inductor.integration.detect`);
 2. adds a forward pre/post hook pair on the model: before a forward it computes the prompt's
    modality and padding, gives the forward a :class:`~csp_inductor.cache.PrunedCache` when it
    has none, and allocates the cache for the policy's kept count; after it, it advances the

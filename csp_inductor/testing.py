@@ -180,6 +180,24 @@ def authors_dense_scores(
     )
 
 
+# --- greedy generation, compared -------------------------------------------------------------
+def greedy(model, inputs: dict, new_tokens: int) -> tuple[Tensor, Tensor]:
+    """Greedy ``generate``: the new tokens (batch, new_tokens) and their logits (batch,
+    new_tokens, vocab)."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def assert_same_generation(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor]) -> None:
+    """Same tokens and logits within 1e-4 (a masking error shows even if no token flips)."""
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+    assert got[0].tolist() == want[0].tolist()
+
+
 # --- tiny models of every supported family ---------------------------------------------------
 FAMILIES = (
     "llava",

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import csp_inductor
-from csp_inductor.testing import FAMILIES, tiny_inputs, tiny_model
+from csp_inductor.testing import (
+    FAMILIES,
+    assert_same_generation,
+    greedy,
+    tiny_inputs,
+    tiny_model,
+)
 
 NEW_TOKENS = 8
 PADS = [0, 3, 7]
@@ -18,19 +24,7 @@ BATCHES = {"b1": (1, None), "b3": (3, PADS)}
 
 
 def generate(model, inputs):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
-
-
-def assert_same(got, want):
-    tokens, logits = got
-    ref_tokens, ref_logits = want
-    assert tokens.tolist() == ref_tokens.tolist()
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    return greedy(model, inputs, NEW_TOKENS)
 
 
 def text_attn(model):
@@ -38,13 +32,7 @@ def text_attn(model):
     return getattr(config, "text_config", config)._attn_implementation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is ~10x faster than two on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -61,14 +49,14 @@ def family(request):
 def test_full_is_exact(family, batch):
     name, inputs, refs = family
     model = csp_inductor.compile(tiny_model(name), csp_inductor.Full(), compile=False)
-    assert_same(generate(model, inputs[batch]), refs[batch])
+    assert_same_generation(generate(model, inputs[batch]), refs[batch])
 
 
 def test_csp_budget_one_is_exact(family):
     name, inputs, refs = family
     model = csp_inductor.compile(tiny_model(name), csp_inductor.CSP(budget=1.0), compile=False)
     for batch in BATCHES:
-        assert_same(generate(model, inputs[batch]), refs[batch])
+        assert_same_generation(generate(model, inputs[batch]), refs[batch])
 
 
 def test_csp_stores_fewer_bytes(family):
@@ -97,7 +85,7 @@ def test_restore_brings_back_the_model(family):
     csp_inductor.restore(model)
     assert text_attn(model) == before == "sdpa"
     assert getattr(model, "csp_backend", None) is None
-    assert_same(generate(model, inputs["b3"]), refs["b3"])
+    assert_same_generation(generate(model, inputs["b3"]), refs["b3"])
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
@@ -106,7 +94,7 @@ def test_compiled_full_is_exact(name):
     inputs = tiny_inputs(model, name, batch=3, pads=PADS)
     ref = generate(model, inputs)
     csp_inductor.compile(model, csp_inductor.Full())
-    assert_same(generate(model, inputs), ref)
+    assert_same_generation(generate(model, inputs), ref)
 
 
 def test_gemma3_images_causal_without_token_types():
@@ -116,7 +104,7 @@ def test_gemma3_images_causal_without_token_types():
     del inputs["token_type_ids"]
     ref = generate(model, inputs)
     csp_inductor.compile(model, csp_inductor.Full(), compile=False)
-    assert_same(generate(model, inputs), ref)
+    assert_same_generation(generate(model, inputs), ref)
 
 
 def test_flex_kernel_is_exact_with_sliding_window_and_images():
@@ -125,4 +113,4 @@ def test_flex_kernel_is_exact_with_sliding_window_and_images():
     inputs = tiny_inputs(model, "gemma3", batch=3, pads=PADS)
     ref = generate(model, inputs)
     csp_inductor.compile(model, csp_inductor.Full(), compile=False, kernel="flex")
-    assert_same(generate(model, inputs), ref)
+    assert_same_generation(generate(model, inputs), ref)

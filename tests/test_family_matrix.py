@@ -17,7 +17,12 @@ import pytest
 import torch
 
 import csp_inductor
-from csp_inductor.testing import placeholder_inputs, tiny_family_model
+from csp_inductor.testing import (
+    assert_same_generation,
+    greedy,
+    placeholder_inputs,
+    tiny_family_model,
+)
 
 NEW_TOKENS = 6
 PADS = [0, 5]
@@ -42,25 +47,10 @@ REFUSED = {
 
 
 def generate(model, inputs):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+    return greedy(model, inputs, NEW_TOKENS)
 
 
-def assert_same(got, want):
-    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
-    assert got[0].tolist() == want[0].tolist()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=MATRIX)
@@ -80,9 +70,9 @@ def test_keep_all_is_exact(family):
     model, inputs, refs = family
     csp_inductor.compile(model, csp_inductor.Full(), compile=False)
     try:
-        assert_same(generate(model, inputs["b1"]), refs["b1"])
+        assert_same_generation(generate(model, inputs["b1"]), refs["b1"])
         model.csp_backend.policy = csp_inductor.CSP(budget=1.0)
-        assert_same(generate(model, inputs["b2"]), refs["b2"])
+        assert_same_generation(generate(model, inputs["b2"]), refs["b2"])
         model.csp_backend.policy = csp_inductor.Full()
         generate(model, inputs["b2"])
         full_bytes = model.csp_backend.cache.nbytes()
@@ -108,9 +98,9 @@ def test_compiled_is_exact_without_recompiling(family):
         pytest.skip("compiled for one family per kind of decoder (CSP_COMPILE_ALL_FAMILIES=1: all)")
     csp_inductor.compile(model, csp_inductor.Full())
     try:
-        assert_same(generate(model, inputs["b2"]), refs["b2"])
+        assert_same_generation(generate(model, inputs["b2"]), refs["b2"])
         graphs = model.csp_backend.graphs
-        assert_same(generate(model, inputs["b2_long"]), refs["b2_long"])
+        assert_same_generation(generate(model, inputs["b2_long"]), refs["b2_long"])
         assert model.csp_backend.graphs == graphs
         assert model.csp_backend.fallback is None
     finally:
