@@ -3,9 +3,9 @@
 Masks are small factories that capture tensors (never Python ints that change per step), so a
 compiled graph reads them as inputs and is not rebuilt when they change in place:
 
-- prefill: causal (or the model's own mask, when it has one) ∧ (key is not padding ∨ query is
-  padding) ∧ sliding window. Padding queries attend to padding keys so their (discarded) rows
-  stay finite instead of NaN.
+- prefill: (causal ∧ sliding window, or the model's own mask when it has one) ∧ (key is not
+  padding ∨ query is padding). Padding queries attend to padding keys so their (discarded)
+  rows stay finite instead of NaN.
 - decode: slot ``s`` of row ``b`` is valid for new query ``i`` when ``s < lengths[b] + i + 1``
   (kept prompt tokens and earlier decode tokens of this step), ∧ the sliding window measured on
   the stored absolute positions.

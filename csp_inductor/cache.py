@@ -1,11 +1,15 @@
 """The pruned KV cache: each layer's kept prompt tokens, compacted, in static buffers.
 
-Per layer the cache holds ``keys``/``values`` of shape (batch, kv_heads, capacity, head_dim)
+Per attention layer the cache holds ``keys``/``values`` of shape (batch, kv_heads, capacity,
+head_dim)
 and ``positions`` (batch, kv_heads, capacity) with the absolute (padded-prompt) position of
 every stored token, where ``capacity = max kept prompt tokens + decode capacity``. The first
 ``lengths[b]`` slots of row ``b`` are valid; the rest are never attended to. All layers share
 ``lengths`` (every policy keeps the same count in every layer) and ``seen`` (the logical
 number of tokens processed, i.e. the unpruned length, so new tokens get absolute positions).
+Linear-attention and short-conv layers hold transformers' own ``LinearAttentionLayer`` (their
+states, unpruned); layers that reuse another layer's K/V, or have no attention, a
+``DummyLayer``.
 
 Phases. ``phase == "prefill"`` while the prompt goes through the decoder: :meth:`update`
 returns the prompt's own K/V (the prefill attention is not pruned), and the attention backend
@@ -31,7 +35,8 @@ class LayerSpec:
     """One decoder layer's cache. ``kind``: ``"attention"`` (pruned K/V of ``kv_heads`` heads of
     ``head_dim``; ``sliding_window`` None = global attention), ``"recurrent"`` (conv/recurrent
     states of a linear-attention or short-conv layer, ``states`` of them, kept whole as
-    transformers keeps them) or ``"shared"`` (the layer reads another layer's K/V: no storage)."""
+    transformers keeps them), ``"shared"`` (the layer reads another layer's K/V) or ``"none"``
+    (no attention): the last two store nothing."""
 
     kv_heads: int = 0
     head_dim: int = 0
@@ -48,6 +53,7 @@ class PrunedLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.index, self.spec = cache, index, spec
         self.sliding_window = spec.sliding_window
+        self.is_sliding = spec.sliding_window is not None  # read by transformers' mask sizing
         self.keys = self.values = self.positions = None
 
     def allocate(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):

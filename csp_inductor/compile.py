@@ -180,10 +180,9 @@ class Backend:
             zip(self.decoder.layers, family.layer_types, strict=True)
         ):
             if kind == "recurrent":
-                states = getattr(self.decoder.config, "number_of_conv_states", 1)
-                specs.append(LayerSpec(kind="recurrent", states=states))
-            elif kind == "shared":
-                specs.append(LayerSpec(kind="shared"))
+                specs.append(LayerSpec(kind="recurrent", states=family.states[i]))
+            elif kind in ("shared", "none"):
+                specs.append(LayerSpec(kind=kind))
             else:
                 specs.append(LayerSpec(*_kv_shape(layer), family.windows[i]))
         return specs

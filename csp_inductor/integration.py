@@ -44,18 +44,18 @@ EXCEPTIONS: dict[str, str] = {
 @dataclass
 class Family:
     """What :func:`detect` found. ``layer_types[i]`` is ``"attention"`` (pruned),
-    ``"recurrent"`` (states kept as transformers keeps them) or ``"shared"`` (reads the K/V of
-    layer ``kv_source[i]``); ``windows[i]`` the sliding window of attention layer ``i``."""
+    ``"recurrent"`` (states kept as transformers keeps them), ``"shared"`` (reads the K/V of
+    layer ``kv_source[i]``) or ``"none"`` (no attention, nothing cached); ``windows[i]`` the
+    sliding window of attention layer ``i``."""
 
-    model_type: str
     decoder: nn.Module
     attn_target: str | dict[str, str]  # what set_attn_implementation selects our attention with
     token_ids: tuple[int, ...]  # visual placeholder ids
     token_types: bool  # forward takes mm_token_type_ids (0 text, > 0 visual)
     layer_types: list[str]
     windows: list[int | None]
+    states: dict[int, int] = field(default_factory=dict)  # recurrent layer -> its state count
     kv_source: dict[int, int] = field(default_factory=dict)
-    cache_kinds: list[str] = field(default_factory=list)  # transformers' cache layer types
 
     @property
     def multimodal(self) -> bool:
@@ -88,8 +88,11 @@ def find_decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
+SELF_ATTENTION_ATTRS = ("self_attn", "self_attention", "attention", "attn")
+
+
 def self_attention(layer: nn.Module) -> nn.Module | None:
-    for name in ("self_attn", "attention", "attn"):
+    for name in SELF_ATTENTION_ATTRS:
         module = getattr(layer, name, None)
         if isinstance(module, nn.Module) and hasattr(module, "layer_idx"):
             return module
@@ -105,22 +108,25 @@ def _attn_target(model: nn.Module, decoder: nn.Module, name: str) -> str | dict[
         if getattr(config, sub, None) is decoder.config:
             return {sub: name}
     raise _unsupported(
-        model, "its decoder's config is neither the model's nor one of its sub-configs"
-    )
+        model, "its decoder's config is neither the model's config nor one of its sub-configs "
+        f"({', '.join(_sub_configs(config)) or 'none'})",
+    )  # fmt: skip
 
 
 def _sub_configs(config) -> list[str]:
     return list(getattr(config, "sub_configs", {}) or {})
 
 
-def _layer_kinds(model: nn.Module, text_config) -> list[str]:
-    """transformers' cache layer type of every decoder layer (what its own cache would hold)."""
+def _layer_kinds(text_config) -> tuple[list[str], list[dict]]:
+    """transformers' cache layer type of every decoder layer (what its own cache would hold),
+    with the per-layer arguments (sliding window, number of states) it would build it with."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    return list(get_layer_types_and_kwargs(text_config)[0])
+    kinds, kwargs = get_layer_types_and_kwargs(text_config)
+    return list(kinds), list(kwargs)
 
 
-def _kv_sources(text_config, kinds: list[str]) -> dict[int, int]:
+def _kv_sources(model: nn.Module, text_config) -> dict[int, int]:
     """Layers that reuse another layer's K/V (Gemma 3n/4): consumer -> the last storing layer of
     its type."""
     modes = getattr(text_config, "kv_sharing_modes", None)
@@ -130,13 +136,24 @@ def _kv_sources(text_config, kinds: list[str]) -> dict[int, int]:
     for i, mode in enumerate(modes):
         if mode == "reuse":
             if types[i] not in last:
-                raise TypeError(
-                    f"layer {i} reuses the K/V of a {types[i]} layer that precedes none"
-                )
+                raise _unsupported(
+                    model, f"kv_sharing_modes[{i}] is 'reuse' but no earlier layer of its type "
+                    f"({types[i]!r}) stores K/V; the backend needs the K/V to come from a layer "
+                    "of this model",
+                )  # fmt: skip
             sources[i] = last[types[i]]
         else:
             last[types[i]] = i
     return sources
+
+
+def _placeholder_ids(config, sub_names: list[str]) -> tuple[int, ...]:
+    """Placeholder ids in the config, its text config and its other sub-configs (Phi-4-style
+    models keep them in their encoders' configs)."""
+    configs = [config, config.get_text_config()]
+    configs += [getattr(config, name) for name in sub_names if getattr(config, name, None)]
+    ids = (getattr(c, attr, None) for c in configs for attr in PLACEHOLDER_ATTRS)
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int)))
 
 
 def detect(model: nn.Module, attn_name: str) -> Family:
@@ -150,30 +167,36 @@ def detect(model: nn.Module, attn_name: str) -> Family:
         raise _unsupported(model, EXCEPTIONS[model_type])
     decoder = find_decoder(model)
     text = decoder.config
-    kinds = _layer_kinds(model, text)
+    kinds, layer_kwargs = _layer_kinds(text)
     if len(kinds) != len(decoder.layers):
         raise _unsupported(
             model, f"its config lists {len(kinds)} layer types for {len(decoder.layers)} layers"
         )
-    sources = _kv_sources(text, kinds)
-    layer_types, windows = [], []
+    sources = _kv_sources(model, text)
+    layer_types, windows, states = [], [], {}
     for i, (layer, kind) in enumerate(zip(decoder.layers, kinds, strict=True)):
-        attn = self_attention(layer)
         window = None
         if i in sources:
             layer_types.append("shared")
+        elif kind == "dummy":  # an MLP/MoE-only layer: nothing cached
+            layer_types.append("none")
         elif kind in RECURRENT_TYPES:
             layer_types.append("recurrent")
+            states[i] = layer_kwargs[i].get("number_of_states", 1)
         elif kind in ATTENTION_TYPES:
+            attn = self_attention(layer)
             if attn is None or attn.layer_idx != i:
-                raise _unsupported(model, f"decoder layer {i} has no self-attention module "
-                                   "with layer_idx")  # fmt: skip
+                raise _unsupported(
+                    model, f"decoder layer {i} ({type(layer).__name__}) has no self-attention "
+                    f"module with layer_idx={i} (looked for attributes {SELF_ATTENTION_ATTRS})",
+                )  # fmt: skip
             if getattr(attn, "kv_lora_rank", None) is not None:
-                raise _unsupported(model, "multi-head latent attention (MLA) caches are not "
-                                   "supported yet")  # fmt: skip
+                raise _unsupported(
+                    model, f"its attention caches a multi-head latent (kv_lora_rank="
+                    f"{attn.kv_lora_rank}); multi-head latent attention (MLA) is not supported yet",
+                )  # fmt: skip
             layer_types.append("attention")
-            if kind == "sliding_attention":
-                window = getattr(attn, "sliding_window", None) or text.sliding_window
+            window = layer_kwargs[i].get("sliding_window")
         else:
             raise _unsupported(
                 model, f"decoder layer {i} is of type {kind!r}; supported: {ATTENTION_TYPES} "
@@ -182,25 +205,22 @@ def detect(model: nn.Module, attn_name: str) -> Family:
         windows.append(window)
     if "attention" not in layer_types:
         raise _unsupported(model, "its decoder has no self-attention layer to prune")
-    token_ids = tuple(
-        dict.fromkeys(
-            int(getattr(config, attr))
-            for attr in PLACEHOLDER_ATTRS
-            if isinstance(getattr(config, attr, None), int)
-        )
-    )
+    subs = [
+        name for name in _sub_configs(config)
+        if getattr(config, name, None) is not None and getattr(config, name) is not text
+    ]  # fmt: skip
+    token_ids = _placeholder_ids(config, subs)
     token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
-    visual = [sub for sub in _sub_configs(config) if "vision" in sub and getattr(config, sub, None)]
-    if visual and not token_ids and not token_types:
+    if subs and not token_ids and not token_types:
         raise _unsupported(
-            model, f"it has a {visual[0]} but no visual placeholder token id (looked for "
-            f"{', '.join(PLACEHOLDER_ATTRS)} in its config) and its forward takes no "
+            model, f"it has encoders ({', '.join(subs)}) but no placeholder token id (looked for "
+            f"{', '.join(PLACEHOLDER_ATTRS)} in its configs) and its forward takes no "
             "mm_token_type_ids, so visual tokens cannot be told from text",
         )  # fmt: skip
     return Family(
-        model_type=model_type, decoder=decoder, attn_target=_attn_target(model, decoder, attn_name),
-        token_ids=token_ids, token_types=token_types, layer_types=layer_types, windows=windows,
-        kv_source=sources, cache_kinds=kinds,
+        decoder=decoder, attn_target=_attn_target(model, decoder, attn_name), token_ids=token_ids,
+        token_types=token_types, layer_types=layer_types, windows=windows, states=states,
+        kv_source=sources,
     )  # fmt: skip
 
 
@@ -234,6 +254,8 @@ def model_mask(
     then None. Otherwise (bidirectional image blocks, prefix blocks, any overlay) it is the
     model's mask as a dense (batch, 1, L, L) bool tensor, padding left to the backend. At decode
     (keys are the pruned cache, not the prompt) it returns None: decode masks are the backend's.
+    Decode is told by the sizes the cache reports: the prompt's own length at prefill, the
+    buffers' capacity (always more than the new tokens) after it.
     """
     if kv_length != q_length or allow_is_causal_skip:
         return None
@@ -257,9 +279,12 @@ def csp_attention(
 ) -> tuple[Tensor, None]:
     """The function registered with transformers' ``AttentionInterface``.
 
-    query (b, hq, t, d); key/value (b, hkv, t or capacity, d) as the cache returned them;
-    ``attention_mask`` what :func:`model_mask` made (None or the model's dense prefill mask).
-    Returns (b, t, hq, d) and no attention weights.
+    query (b, hq, t, d); key/value (b, hkv, L or capacity, d) as the cache returned them (at
+    prefill t = L, or t < L when the model computes only the prompt's last queries);
+    ``attention_mask`` what :func:`model_mask` made (None, or the model's dense prefill mask,
+    which then includes the layer's sliding window); ``sliding_window`` (passed by some models)
+    is the layer's window, already known from :func:`detect`. Returns (b, t, hq, d) and no
+    attention weights.
     """
     backend = module.csp_backend
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -268,6 +293,11 @@ def csp_attention(
     cache = backend.active
     if cache is None or cache.phase == "prefill":
         model_mask = attention_mask if isinstance(attention_mask, Tensor) else None
+        if model_mask is not None and (model_mask.dtype != torch.bool or model_mask.dim() != 4):
+            raise ValueError(
+                "csp_inductor reads a model's own prefill mask as (batch, 1, q, kv) bool; got "
+                f"attention_mask of dtype {model_mask.dtype} and shape {tuple(model_mask.shape)}"
+            )
         with label("csp::prefill_attention"):
             out = prefill_attention(
                 query, key, value, scale=scale, key_padding=backend.key_padding,

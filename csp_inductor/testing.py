@@ -429,17 +429,22 @@ TINY_OVERRIDES: dict[str, tuple[dict, dict]] = {
         for name in ("qwen2_vl", "qwen2_5_vl", "glm4v")
     },
     # the last two layers reuse the K/V of the last sliding and the last full layer before them
-    **{
-        name: (
-            {
-                "layer_types": ["sliding_attention", "full_attention"] * 2,
-                "num_kv_shared_layers": 2,
-                "activation_sparsity_pattern": [0.0] * 4,
-            },
-            {},
-        )
-        for name in ("gemma3n_text", "gemma4")
-    },
+    "gemma3n_text": (
+        {
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_kv_shared_layers": 2,
+            "activation_sparsity_pattern": [0.0] * 4,
+        },
+        {},
+    ),
+    "gemma4": (  # as above, and images attend to themselves bidirectionally (sliding layers)
+        {
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_kv_shared_layers": 2,
+            "use_bidirectional_attention": "vision",
+        },
+        {},
+    ),
 }
 TINY_PLACEHOLDERS = {"image": IMAGE_ID, "video": VIDEO_ID, "audio": VIDEO_ID + 4}
 
@@ -477,11 +482,15 @@ def tiny_family_config(model_type: str):
             top[name] = text
         elif sub is not None:
             top[name] = _shrunk(sub.to_dict(), TINY_VISION)
+    # placeholders (some configs name them through attribute_map) at the tiny ids, whether set
+    # or left to checkpoints (None); other special ids inside the tiny vocabulary
+    aliases = {real: alias for alias, real in type(default).attribute_map.items()}
     for key, value in default.to_dict().items():
-        placeholder = key in PLACEHOLDER_ATTRS  # defaults may leave them to checkpoints (None)
-        if key.endswith(("_token_id", "_token_index")) and (isinstance(value, int) or placeholder):
-            kind = key.split("_")[0]
-            top[key] = TINY_PLACEHOLDERS.get(kind) or min(value, TINY_VOCAB + 16)
+        name = aliases.get(key, key)
+        if name in PLACEHOLDER_ATTRS:
+            top[key] = TINY_PLACEHOLDERS[name.split("_")[0]]
+        elif key.endswith(("_token_id", "_token_index")) and isinstance(value, int):
+            top[key] = min(value, TINY_VOCAB + 16)
     for key, value in top_over.items():
         top[key] = {**top[key], **value} if isinstance(value, dict) else value
     return type(default)(**top)
@@ -514,8 +523,9 @@ def placeholder_inputs(
     pads = [0] * batch if pads is None else list(pads)
     ids = torch.randint(*TEXT_IDS, (batch, length), generator=gen)
     is_image = torch.zeros(batch, length, dtype=torch.bool)
-    for start in (length // 4, length // 2 + 4):
-        is_image[:, start : start + 16] = True
+    # one image shorter and one longer than the tiny sliding window (24)
+    for start, size in ((length // 4, 16), (length // 2, 32)):
+        is_image[:, start : start + size] = True
     ids[is_image] = IMAGE_ID
     mask = (torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]).long()
     ids[mask == 0] = PAD_ID

@@ -6,7 +6,9 @@ model's, the decoder and its cache are ours), through greedy ``generate``:
 - ``Full()`` (batch 1) and ``CSP(budget=1.0)`` (batch 2, left padding) give the unmodified
   model's tokens and logits, eagerly;
 - ``CSP(budget=0.2)`` keeps the policy's count (≈20%) of every row's real tokens in every
-  attention layer, and stores correspondingly fewer bytes;
+  attention layer: distinct real prompt positions, then the generated tokens, in buffers
+  sized for exactly that; recurrent layers hold transformers' own state layer, shared ones
+  nothing;
 - compiled, ``Full()`` on the padded batch matches the model, and a second prompt of another
   length compiles no new graph.
 """
@@ -15,8 +17,10 @@ import os
 
 import pytest
 import torch
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 import csp_inductor
+from csp_inductor.cache import PrunedLayer
 from csp_inductor.testing import (
     assert_same_generation,
     greedy,
@@ -41,8 +45,13 @@ COMPILED = ("llava", "gemma3", "paligemma", "qwen3_vl", "lfm2_vl", "gemma4", "qw
 # Families the backend refuses, and the reason it gives.
 REFUSED = {
     "mllama": "only as cross-attention K/V",
+    "idefics": "only as cross-attention K/V",
     "kimi_k25": "multi-head latent attention",
+    "mistral4": "multi-head latent attention",
     "llama4": "'chunked_attention'",
+    "blip-2": r"\(OPTModel, from get_decoder\(\)\) has no `.layers`",
+    "pix2struct": r"\(Pix2StructTextModel, from get_decoder\(\)\) has no `.layers`",
+    "kosmos-2": "no placeholder token id",
 }
 
 
@@ -78,10 +87,11 @@ def test_keep_all_is_exact(family):
         full_bytes = model.csp_backend.cache.nbytes()
         policy = model.csp_backend.policy = csp_inductor.CSP(budget=0.2)
         tokens, logits = generate(model, inputs["b2"])
-        cache = model.csp_backend.cache
+        cache, family = model.csp_backend.cache, model.csp_backend.family
     finally:
         csp_inductor.restore(model)
     assert tokens.shape == (2, NEW_TOKENS) and torch.isfinite(logits).all()
+    length = inputs["b2"]["input_ids"].shape[1]
     real = inputs["b2"]["attention_mask"].sum(dim=1).tolist()
     kept = cache.kept_prompt
     assert kept == [policy.budget_for(n).kept for n in real]
@@ -90,6 +100,19 @@ def test_keep_all_is_exact(family):
     per_token = cache.kv_bytes_per_token() * len(real)
     assert cache.nbytes() == per_token * (max(kept) + NEW_TOKENS)
     assert full_bytes == per_token * (max(real) + NEW_TOKENS)
+    # what each row of each attention layer stores: distinct real prompt positions, then the
+    # generated tokens' positions, then nothing
+    kinds = {"attention": PrunedLayer, "recurrent": LinearAttentionLayer, "shared": DummyLayer}
+    for layer, kind in zip(cache.layers, family.layer_types, strict=True):
+        assert isinstance(layer, kinds.get(kind, DummyLayer))
+    for layer in cache.pruned:
+        for b, (k, n) in enumerate(zip(kept, real, strict=True)):
+            for row in layer.positions[b].tolist():
+                prompt = row[:k]
+                assert len(set(prompt)) == k and all(length - n <= p < length for p in prompt)
+                generated = list(range(length, length + NEW_TOKENS - 1))
+                assert row[k : k + NEW_TOKENS - 1] == generated
+                assert set(row[k + NEW_TOKENS - 1 :]) <= {-1}
 
 
 def test_compiled_is_exact_without_recompiling(family):
@@ -100,6 +123,7 @@ def test_compiled_is_exact_without_recompiling(family):
     try:
         assert_same_generation(generate(model, inputs["b2"]), refs["b2"])
         graphs = model.csp_backend.graphs
+        assert graphs > 0
         assert_same_generation(generate(model, inputs["b2_long"]), refs["b2_long"])
         assert model.csp_backend.graphs == graphs
         assert model.csp_backend.fallback is None
