@@ -43,15 +43,6 @@ def choose_kernel(kernel: str, device: torch.device) -> str:
 
 
 # --- mask_mod factories ---------------------------------------------------------------------
-def causal_padding_mask(key_padding: Tensor):
-    """Causal, padding keys hidden from real queries: ``key_padding`` (batch, seq) bool."""
-
-    def causal_padding(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (~key_padding[b, kv_idx] | key_padding[b, q_idx])
-
-    return causal_padding
-
-
 def dense_mask(mask: Tensor):
     """A model's own prefill mask: ``mask`` (batch, seq, seq) bool, True = attend."""
 
@@ -167,12 +158,9 @@ def prefill_attention(
     kv_len = k.shape[2]
     dense = None if model_mask is None else model_mask[:, 0].expand(b, q_len, kv_len)
     if kernel == "flex" and q_len == kv_len:
-        if dense is not None:
-            mods = [dense_mask(dense)]
-            if key_padding is not None:
-                mods.append(padding_mask(key_padding))
-        else:
-            mods = [causal_mask() if key_padding is None else causal_padding_mask(key_padding)]
+        mods = [causal_mask() if dense is None else dense_mask(dense)]
+        if key_padding is not None:
+            mods.append(padding_mask(key_padding))
         if sliding_window is not None:
             mods.append(sliding_window_mask(sliding_window))
         mask_mod = and_masks(*mods) if len(mods) > 1 else mods[0]
