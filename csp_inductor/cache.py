@@ -1,12 +1,12 @@
 """The pruned KV cache: each layer's kept prompt tokens, compacted, in static buffers.
 
 Per attention layer the cache holds ``keys``/``values`` of shape (batch, kv_heads, capacity,
-head_dim)
-and ``positions`` (batch, kv_heads, capacity) with the absolute (padded-prompt) position of
-every stored token, where ``capacity = max kept prompt tokens + decode capacity``. The first
-``lengths[b]`` slots of row ``b`` are valid; the rest are never attended to. All layers share
-``lengths`` (every policy keeps the same count in every layer) and ``seen`` (the logical
-number of tokens processed, i.e. the unpruned length, so new tokens get absolute positions).
+head_dim) and ``positions`` (batch, kv_heads, capacity) with the absolute (padded-prompt)
+position of every stored token, where ``capacity = max kept prompt tokens + decode
+capacity``. The first ``lengths[b]`` slots of row ``b`` are valid; the rest are never attended
+to. All layers share ``lengths`` (every policy keeps the same count in every layer) and
+``seen`` (the logical number of tokens processed, i.e. the unpruned length, so new tokens get
+absolute positions).
 Linear-attention and short-conv layers hold transformers' own ``LinearAttentionLayer`` (their
 states, unpruned); layers that reuse another layer's K/V, or have no attention, a
 ``DummyLayer``.
@@ -90,8 +90,6 @@ class PrunedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
-
-    get_max_cache_shape = get_max_length  # its name before transformers 5.13
 
     def reset(self) -> None:
         for t in (self.keys, self.values):

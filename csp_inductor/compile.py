@@ -141,11 +141,11 @@ class Backend:
         previous = _attn_implementations(model)
         model.set_attn_implementation(self.family.attn_target)
         self._undo.append(lambda: model.set_attn_implementation(previous))
-        for layer in self.decoder.layers:
-            for attn in layer.modules():
-                if hasattr(attn, "layer_idx") and not hasattr(attn, "csp_backend"):
-                    attn.csp_backend = self
-                    self._undo.append(functools.partial(delattr, attn, "csp_backend"))
+        for layer, kind in zip(self.decoder.layers, self.family.layer_types, strict=True):
+            if kind in ("attention", "shared"):  # the layers our attention function serves
+                attn = self_attention(layer)
+                attn.csp_backend = self
+                self._undo.append(functools.partial(delattr, attn, "csp_backend"))
         # positional forward arguments are named once, not per decode step
         self.forward_params = list(inspect.signature(model.forward).parameters)
         # transformers 5.24 renamed the cache argument (the old name still works, deprecated)
