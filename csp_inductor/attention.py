@@ -3,12 +3,16 @@
 Masks are small factories that capture tensors (never Python ints that change per step), so a
 compiled graph reads them as inputs and is not rebuilt when they change in place:
 
-- prefill: (causal ∧ sliding window, or the model's own mask when it has one) ∧ (key is not
-  padding ∨ query is padding). Padding queries attend to padding keys so their (discarded)
-  rows stay finite instead of NaN.
+- prefill: (causal ∧ sliding window ∧ same chunk, or the model's own mask when it has one) ∧
+  (key is not padding ∨ query is padding). Padding queries attend to padding keys so their
+  (discarded) rows stay finite instead of NaN.
 - decode: slot ``s`` of row ``b`` is valid for new query ``i`` when ``s < lengths[b] + i + 1``
-  (kept prompt tokens and earlier decode tokens of this step), ∧ the sliding window measured on
-  the stored absolute positions.
+  (kept prompt tokens and earlier decode tokens of this step), ∧ the sliding window or the
+  chunk measured on the stored absolute positions.
+
+Chunked attention (Llama 4) splits each row into chunks of ``chunk`` tokens counted from the
+row's first real token (``starts[b]``, its left padding), as transformers does; a token sees
+the earlier tokens of its own chunk.
 
 Kernel choice (``kernel="auto"``): FlexAttention on CUDA; on CPU, SDPA, which is measured
 faster for the causal prefill (compiled flex on CPU ≈ 2× slower at L = 1024) and on par at
@@ -84,6 +88,26 @@ def decode_valid_mask(lengths: Tensor):
     return decode_valid
 
 
+def chunk_mask(chunk: int, starts: Tensor | None):
+    """Query and key in the same chunk, chunks counted from ``starts[b]`` (batch,) long."""
+
+    def same_chunk(b, h, q_idx, kv_idx):
+        start = 0 if starts is None else starts[b]
+        return (q_idx - start) // chunk == (kv_idx - start) // chunk
+
+    return same_chunk
+
+
+def decode_chunk_mask(positions: Tensor, seen: Tensor, starts: Tensor, chunk: int, group: int):
+    """Stored tokens in the chunk of the query's absolute position ``seen + q_idx``."""
+
+    def decode_chunk(b, h, q_idx, kv_idx):
+        key, query = positions[b, h // group, kv_idx] - starts[b], seen + q_idx - starts[b]
+        return key // chunk == query // chunk
+
+    return decode_chunk
+
+
 def decode_sliding_mask(positions: Tensor, seen: Tensor, window: int, group: int):
     """Stored tokens within ``window`` of the query's absolute position ``seen + q_idx``;
     ``positions`` (batch, kv_heads, cap), query head ``h`` reads KV head ``h // group``."""
@@ -117,18 +141,22 @@ def null_slot_score(positions: Tensor, logit: float):
     return null_score
 
 
-def dense_partial_block_mask(mask_mod, batch: int, heads: int, q_len: int, kv_len: int):
-    """A BlockMask that evaluates ``mask_mod`` on every block (none skipped as empty or full).
+def dense_partial_block_mask(
+    mask_mod, batch: int, heads: int, q_len: int, kv_len: int, device: torch.device
+):
+    """A BlockMask that evaluates ``mask_mod`` on every block (none skipped as empty or full),
+    on ``device`` (the queries').
 
     Built once per prompt for decoding: the tensors ``mask_mod`` captures change in place
     every step, so no block may be classified ahead of time.
     """
     q_blocks = -(-q_len // FLEX_BLOCK)
     kv_blocks = -(-kv_len // FLEX_BLOCK)
-    num = torch.full((batch, heads, q_blocks), kv_blocks, dtype=torch.int32)
-    idx = torch.arange(kv_blocks, dtype=torch.int32).expand(batch, heads, q_blocks, kv_blocks)
+    num = torch.full((batch, heads, q_blocks), kv_blocks, dtype=torch.int32, device=device)
+    idx = torch.arange(kv_blocks, dtype=torch.int32, device=device)
+    idx = idx.repeat(batch, heads, q_blocks, 1)
     return BlockMask.from_kv_blocks(
-        num, idx.contiguous(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, kv_len)
+        num, idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, kv_len)
     )
 
 
@@ -147,22 +175,29 @@ def prefill_attention(
     sliding_window: int | None,
     kernel: str,
     model_mask: Tensor | None = None,
+    chunk: int | None = None,
 ) -> Tensor:
     """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d).
 
     ``model_mask`` (b or 1, 1, L, L) bool: the model's own mask (bidirectional image or prefix
-    blocks, ...), used instead of the causal one; padding is still applied here. Queries may be
+    blocks, ...), used instead of the causal one; padding is still applied here. ``chunk``:
+    the layer's attention chunk (chunks start at each row's first real token). Queries may be
     only the prompt's last ones (q (b, hq, t, d), t < L: a model that computes only the tokens
     it returns logits for in its last layers, as Gemma 4's KV-shared layers do)."""
     b, _, q_len, _ = q.shape
     kv_len = k.shape[2]
     dense = None if model_mask is None else model_mask[:, 0].expand(b, q_len, kv_len)
+    if chunk is not None and kv_len <= chunk:
+        chunk = None  # every real token in the first chunk: causal
+    starts = None if chunk is None else leading_padding(key_padding)
     if kernel == "flex" and q_len == kv_len:
         mods = [causal_mask() if dense is None else dense_mask(dense)]
         if key_padding is not None:
             mods.append(padding_mask(key_padding))
         if sliding_window is not None:
             mods.append(sliding_window_mask(sliding_window))
+        if chunk is not None:
+            mods.append(chunk_mask(chunk, starts))
         mask_mod = and_masks(*mods) if len(mods) > 1 else mods[0]
         block_mask = torch.nn.attention.flex_attention.create_block_mask(
             mask_mod, b if key_padding is not None or dense is not None else None, None,
@@ -170,7 +205,7 @@ def prefill_attention(
         )  # fmt: skip
         out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
-    plain = key_padding is None and sliding_window is None and dense is None
+    plain = key_padding is None and sliding_window is None and dense is None and chunk is None
     if plain and q_len == kv_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
@@ -182,10 +217,20 @@ def prefill_attention(
         allowed = allowed & (~key_padding[:, None, :] | q_padding[:, :, None])
     if sliding_window is not None:
         allowed = allowed & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    if chunk is not None:
+        start = 0 if starts is None else starts[:, None, None]
+        allowed = allowed & ((q_pos[:, None] - start) // chunk == (k_pos[None, :] - start) // chunk)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True
     )
     return _bhsd_to_bshd(out)
+
+
+def leading_padding(key_padding: Tensor | None) -> Tensor | None:
+    """(batch,) long: each row's padding before its first real token (None: no padding)."""
+    if key_padding is None:
+        return None
+    return (~key_padding).long().cumsum(dim=1).eq(0).sum(dim=1)
 
 
 def decode_attention(
@@ -201,9 +246,12 @@ def decode_attention(
     kernel: str,
     block_mask: BlockMask | None = None,
     null_logit: float | None = None,
+    chunk: int | None = None,
+    starts: Tensor | None = None,
 ) -> Tensor:
     """New tokens over the static buffers. q (b, hq, t, d), keys/values (b, hkv, cap, d),
-    lengths (b,), positions (b, hkv, cap), seen () -> (b, t, hq, d).
+    lengths (b,), positions (b, hkv, cap), seen () -> (b, t, hq, d). A chunked layer's
+    ``chunk`` counts from ``starts`` (b,), the rows' left padding.
 
     ``null_logit`` (= ln n) turns the softmax into the n-softmax ``exp(s)/(n + Σ exp(s))``: the
     last slot of the buffers is then a null slot (K = V = 0, never written) that every query
@@ -220,11 +268,17 @@ def decode_attention(
     steps = torch.arange(t, device=q.device)
     allowed = slots[None, None, :] < (lengths[:, None, None] + steps[None, :, None] + 1)
     allowed = allowed[:, None]  # (b, 1, t, cap)
+    q_pos = (seen + steps)[None, None, :, None]  # (1, 1, t, 1)
+    k_pos = positions[:, :, None, :]  # (b, hkv, 1, cap)
+    local = None
     if sliding_window is not None:
-        q_pos = seen + steps  # (t,)
-        near = q_pos[None, None, :, None] - positions[:, :, None, :] < sliding_window
-        group = q.shape[1] // keys.shape[1]
-        allowed = (allowed & near).repeat_interleave(group, dim=1)
+        local = q_pos - k_pos < sliding_window
+    if chunk is not None:
+        start = starts[:, None, None, None]
+        local = (q_pos - start) // chunk == (k_pos - start) // chunk
+    if local is not None:
+        group = q.shape[1] // positions.shape[1]
+        allowed = (allowed & local).repeat_interleave(group, dim=1)
     mask = allowed
     if null_logit is not None:
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
@@ -244,15 +298,22 @@ def decode_block_mask(
     q_heads: int,
     q_len: int = 1,
     null_slot: bool = False,
+    chunk: int | None = None,
+    starts: Tensor | None = None,
 ) -> BlockMask:
     """The flex decode mask, built once per prompt (see :func:`dense_partial_block_mask`).
-    Global layers share one; a sliding-window layer needs its own (its stored positions)."""
+    Global layers share one; a sliding-window or chunked layer needs its own (its stored
+    positions)."""
     mod = decode_valid_mask(lengths)
     heads = 1
+    group = q_heads // positions.shape[1]
     if sliding_window is not None:
-        group = q_heads // positions.shape[1]
         mod = and_masks(mod, decode_sliding_mask(positions, seen, sliding_window, group))
+        heads = q_heads
+    if chunk is not None:
+        mod = and_masks(mod, decode_chunk_mask(positions, seen, starts, chunk, group))
         heads = q_heads
     if null_slot:
         mod = or_masks(mod, null_slot_mask(positions))
-    return dense_partial_block_mask(mod, lengths.shape[0], heads, q_len, positions.shape[2])
+    batch, cap = lengths.shape[0], positions.shape[2]
+    return dense_partial_block_mask(mod, batch, heads, q_len, cap, positions.device)

@@ -1,12 +1,15 @@
 """The pruned KV cache: each layer's kept prompt tokens, compacted, in static buffers.
 
 Per attention layer the cache holds ``keys``/``values`` of shape (batch, kv_heads, capacity,
-head_dim) and ``positions`` (batch, kv_heads, capacity) with the absolute (padded-prompt)
-position of every stored token, where ``capacity = max kept prompt tokens + decode
-capacity``. The first ``lengths[b]`` slots of row ``b`` are valid; the rest are never attended
-to. All layers share ``lengths`` (every policy keeps the same count in every layer) and
+head_dim or value_dim) and ``positions`` (batch, kv_heads, capacity) with the absolute
+(padded-prompt) position of every stored token, where ``capacity = max kept prompt tokens +
+decode capacity``. The first ``lengths[b]`` slots of row ``b`` are valid; the rest are never
+attended to. All layers share ``lengths`` (every policy keeps the same count in every layer) and
 ``seen`` (the logical number of tokens processed, i.e. the unpruned length, so new tokens get
 absolute positions).
+A multi-head latent attention (MLA) layer stores what transformers caches for it, the latent
+(one "head" of ``kv_lora_rank``) as ``keys`` and the shared rotary key (``qk_rope_head_dim``) as
+``values``; its attention expands them per head.
 Linear-attention and short-conv layers hold transformers' own ``LinearAttentionLayer`` (their
 states, unpruned); layers that reuse another layer's K/V, or have no attention, a
 ``DummyLayer``.
@@ -33,7 +36,9 @@ from .attention import NULL_POSITION
 @dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer's cache. ``kind``: ``"attention"`` (pruned K/V of ``kv_heads`` heads of
-    ``head_dim``; ``sliding_window`` None = global attention), ``"recurrent"`` (conv/recurrent
+    ``head_dim``, values of ``value_dim`` when it differs; ``sliding_window`` None = global
+    attention; ``latent`` for an MLA layer, whose "K/V" are its latent and rotary key),
+    ``"recurrent"`` (conv/recurrent
     states of a linear-attention or short-conv layer, ``states`` of them, kept whole as
     transformers keeps them), ``"shared"`` (the layer reads another layer's K/V) or ``"none"``
     (no attention): the last two store nothing."""
@@ -43,6 +48,8 @@ class LayerSpec:
     sliding_window: int | None = None
     kind: str = "attention"
     states: int = 1
+    value_dim: int | None = None
+    latent: bool = False
 
 
 class PrunedLayer(CacheLayerMixin):
@@ -55,11 +62,14 @@ class PrunedLayer(CacheLayerMixin):
         self.sliding_window = spec.sliding_window
         self.is_sliding = spec.sliding_window is not None  # read by transformers' mask sizing
         self.keys = self.values = self.positions = None
+        self.prompt: tuple[Tensor, Tensor] | None = None  # an MLA layer's prompt latents
 
     def allocate(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, self.spec.kv_heads, capacity, self.spec.head_dim)
+        spec = self.spec
+        shape = (batch, spec.kv_heads, capacity, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        value_shape = (*shape[:3], spec.value_dim or spec.head_dim)
+        self.values = torch.zeros(value_shape, dtype=dtype, device=device)
         self.positions = torch.full(shape[:3], -1, dtype=torch.long, device=device)
         self.mark_static()
         self.is_initialized = True
@@ -76,6 +86,8 @@ class PrunedLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         if self.cache.phase == "prefill":
+            if self.spec.latent:  # the attention sees them expanded; compaction needs them
+                self.prompt = (key_states, value_states)
             return key_states, value_states
         return self.cache.write_decode(self, key_states, value_states)
 
@@ -127,12 +139,20 @@ class PrunedCache(Cache):
         self.decode_capacity = int(decode_capacity)
         self.phase = "empty"
         self.lengths: Tensor | None = None  # (batch,) valid slots per row
+        self.starts: Tensor | None = None  # (batch,) left padding per row (chunked attention)
         self.seen = torch.zeros((), dtype=torch.long)  # logical (unpruned) tokens processed
         self.kept_prompt: list[int] = []  # kept prompt tokens per row, for reports
 
     # --- lifecycle, driven by the backend outside the compiled graph -----------------------
-    def start_prefill(self, kept: list[int], dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room."""
+    def start_prefill(
+        self,
+        kept: list[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        starts: Tensor | None = None,
+    ) -> None:
+        """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room;
+        ``starts`` (batch,) the rows' left padding (None: none)."""
         if self.phase != "empty":
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
@@ -143,6 +163,7 @@ class PrunedCache(Cache):
             layer.allocate(len(kept), capacity, dtype, device)
         self._mark_null_slot()
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
+        self.starts = torch.zeros_like(self.lengths) if starts is None else starts.to(device)
         self.longest = max(kept)  # host mirror of lengths.max(): no device sync per step
         self.seen = self.seen.to(device)
         self.kept_prompt = list(kept)
@@ -181,11 +202,10 @@ class PrunedCache(Cache):
     # --- inside the compiled graph -----------------------------------------------------------
     def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):
         """Write ``t`` new tokens at slots ``lengths[b] + [0, t)``; return the whole buffers."""
-        b, h, t, d = key_states.shape
+        b, h, t, _ = key_states.shape
         slots = self.lengths[:, None] + torch.arange(t, device=key_states.device)  # (b, t)
-        index = slots[:, None, :, None].expand(b, h, t, d)
-        layer.keys.scatter_(2, index, key_states)
-        layer.values.scatter_(2, index, value_states)
+        for buffer, new in ((layer.keys, key_states), (layer.values, value_states)):
+            buffer.scatter_(2, slots[:, None, :, None].expand(new.shape), new)
         pos = (self.seen + torch.arange(t, device=key_states.device)).expand(b, h, t)
         layer.positions.scatter_(2, slots[:, None, :].expand(b, h, t), pos)
         return layer.keys, layer.values
@@ -201,7 +221,9 @@ class PrunedCache(Cache):
     def kv_bytes_per_token(self) -> int:
         """K+V bytes of one token summed over layers and KV heads; 0 before the first prompt."""
         return sum(
-            2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
+            layer.keys.shape[1]
+            * (layer.keys.shape[3] + layer.values.shape[3])
+            * layer.keys.element_size()
             for layer in self.pruned
             if layer.is_initialized
         )

@@ -38,7 +38,7 @@ try:
 except ImportError:  # a transformers without output capturing: nothing to reset
     _output_capturing = None
 
-from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask
+from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask, leading_padding
 from .cache import LayerSpec, PrunedCache
 from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
 from .ops import register_policy
@@ -101,7 +101,8 @@ class Backend:
         self.cache = self.new_cache()  # the cache of the last forward that had one
         self.is_image: torch.Tensor | None = None
         self.key_padding: torch.Tensor | None = None
-        self.block_masks: dict[int | None, object] = {}
+        # flex decode masks by (new tokens per step, layer or None for the global layers)
+        self.block_masks: dict[tuple[int, int | None], object] = {}
         # the 2D attention mask generate had for its next forward (None = no padding)
         self.from_generate, self.prompt_mask = False, None
         self._undo: list = []
@@ -184,7 +185,7 @@ class Backend:
             elif kind in ("shared", "none"):
                 specs.append(LayerSpec(kind=kind))
             else:
-                specs.append(LayerSpec(*_kv_shape(layer), family.windows[i]))
+                specs.append(_attention_spec(layer, family.windows[i]))
         return specs
 
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
@@ -288,19 +289,19 @@ class Backend:
             return
         pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        cache.start_prefill(kept, param.dtype, param.device)
+        cache.start_prefill(kept, param.dtype, param.device, leading_padding(padding))
 
     def _build_block_masks(self, cache: PrunedCache, q_len: int) -> None:
-        if self.block_masks:
-            return
+        """The flex decode masks of a step of ``q_len`` new tokens (one token per step, or
+        several, as assisted decoding verifies them), built once per prompt and step size."""
         q_heads = self.decoder.config.num_attention_heads
         for layer in cache.pruned:
-            window = layer.spec.sliding_window
-            key = layer.index if window else None
+            window, chunk = layer.spec.sliding_window, self.family.chunks[layer.index]
+            key = (q_len, layer.index if window or chunk else None)
             if key not in self.block_masks:
                 self.block_masks[key] = decode_block_mask(
                     cache.lengths, layer.positions, cache.seen, window, q_heads, q_len,
-                    null_slot=cache.null_slot,
+                    null_slot=cache.null_slot, chunk=chunk, starts=cache.starts,
                 )  # fmt: skip
 
     def _after_forward(self, module, args, kwargs, output):
@@ -450,16 +451,19 @@ def _attn_implementations(model: nn.Module) -> dict | str:
     }
 
 
-def _kv_shape(layer: nn.Module) -> tuple[int, int]:
-    """(KV heads, head dim) of a decoder layer's self-attention, from its module (layers of one
-    model may differ, e.g. Gemma 4's global layers)."""
+def _attention_spec(layer: nn.Module, window: int | None) -> LayerSpec:
+    """The cache of a decoder layer's self-attention, from its module (layers of one model may
+    differ, e.g. Gemma 4's global layers): KV heads and head dim, or an MLA layer's latent."""
     attn = self_attention(layer)
+    if getattr(attn, "kv_lora_rank", None) is not None:
+        return LayerSpec(1, attn.kv_lora_rank, window, value_dim=attn.qk_rope_head_dim, latent=True)
     cfg = attn.config
     head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     k_proj = getattr(attn, "k_proj", None)
     if isinstance(k_proj, nn.Linear):
-        return k_proj.out_features // head_dim, head_dim
-    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
+        return LayerSpec(k_proj.out_features // head_dim, head_dim, window)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return LayerSpec(heads, head_dim, window)
 
 
 def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Module:

@@ -26,7 +26,7 @@ PLACEHOLDER_ATTRS = (
     "audio_token_id", "audio_token_index",
 )  # fmt: skip
 # decoder layer types (transformers' ``layer_types``) by what the cache holds for them
-ATTENTION_TYPES = ("full_attention", "sliding_attention")
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 RECURRENT_TYPES = ("linear_attention", "conv")  # conv/recurrent states, kept whole
 
 # Families detection would accept but the backend cannot serve, and why.
@@ -46,7 +46,7 @@ class Family:
     """What :func:`detect` found. ``layer_types[i]`` is ``"attention"`` (pruned),
     ``"recurrent"`` (states kept as transformers keeps them), ``"shared"`` (reads the K/V of
     layer ``kv_source[i]``) or ``"none"`` (no attention, nothing cached); ``windows[i]`` the
-    sliding window of attention layer ``i``."""
+    sliding window of attention layer ``i``, ``chunks[i]`` its attention chunk (Llama 4)."""
 
     decoder: nn.Module
     attn_target: str | dict[str, str]  # what set_attn_implementation selects our attention with
@@ -54,6 +54,7 @@ class Family:
     token_types: bool  # forward takes mm_token_type_ids (0 text, > 0 visual)
     layer_types: list[str]
     windows: list[int | None]
+    chunks: list[int | None]
     states: dict[int, int] = field(default_factory=dict)  # recurrent layer -> its state count
     kv_source: dict[int, int] = field(default_factory=dict)
 
@@ -173,9 +174,9 @@ def detect(model: nn.Module, attn_name: str) -> Family:
             model, f"its config lists {len(kinds)} layer types for {len(decoder.layers)} layers"
         )
     sources = _kv_sources(model, text)
-    layer_types, windows, states = [], [], {}
+    layer_types, windows, chunks, states = [], [], [], {}
     for i, (layer, kind) in enumerate(zip(decoder.layers, kinds, strict=True)):
-        window = None
+        window = chunk = None
         if i in sources:
             layer_types.append("shared")
         elif kind == "dummy":  # an MLP/MoE-only layer: nothing cached
@@ -190,19 +191,19 @@ def detect(model: nn.Module, attn_name: str) -> Family:
                     model, f"decoder layer {i} ({type(layer).__name__}) has no self-attention "
                     f"module with layer_idx={i} (looked for attributes {SELF_ATTENTION_ATTRS})",
                 )  # fmt: skip
-            if getattr(attn, "kv_lora_rank", None) is not None:
-                raise _unsupported(
-                    model, f"its attention caches a multi-head latent (kv_lora_rank="
-                    f"{attn.kv_lora_rank}); multi-head latent attention (MLA) is not supported yet",
-                )  # fmt: skip
+            _check_latent(model, attn, i)
             layer_types.append("attention")
-            window = layer_kwargs[i].get("sliding_window")
+            if kind == "chunked_attention":  # transformers sizes its cache by the chunk
+                chunk = layer_kwargs[i]["sliding_window"]
+            else:
+                window = layer_kwargs[i].get("sliding_window")
         else:
             raise _unsupported(
                 model, f"decoder layer {i} is of type {kind!r}; supported: {ATTENTION_TYPES} "
                 f"(pruned) and {RECURRENT_TYPES} (kept whole)",
             )  # fmt: skip
         windows.append(window)
+        chunks.append(chunk)
     if "attention" not in layer_types:
         raise _unsupported(model, "its decoder has no self-attention layer to prune")
     subs = [
@@ -219,9 +220,48 @@ def detect(model: nn.Module, attn_name: str) -> Family:
         )  # fmt: skip
     return Family(
         decoder=decoder, attn_target=_attn_target(model, decoder, attn_name), token_ids=token_ids,
-        token_types=token_types, layer_types=layer_types, windows=windows, states=states,
+        token_types=token_types, layer_types=layer_types, windows=windows, chunks=chunks,
+        states=states,
         kv_source=sources,
     )  # fmt: skip
+
+
+MLA_ATTRS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "expand_kv")
+
+
+def _check_latent(model: nn.Module, attn: nn.Module, index: int) -> None:
+    """An attention module with a ``kv_lora_rank`` is multi-head latent attention, which the
+    backend serves as transformers' DeepSeek V2/V3 family writes it: it caches the normalised
+    latent ``kv_nope`` (batch, 1, seq, kv_lora_rank) and the rotary key ``k_rot`` and expands
+    them per head with ``kv_b_proj`` (no bias: a zero latent expands to zero K/V) into
+    ``[k_nope, k_rot]`` keys and values."""
+    if getattr(attn, "kv_lora_rank", None) is None:
+        return
+    missing = [name for name in MLA_ATTRS if getattr(attn, name, None) is None]
+    proj = getattr(attn, "kv_b_proj", None)
+    if not isinstance(proj, nn.Linear) or proj.bias is not None:
+        missing.append("kv_b_proj (a Linear without bias)")
+    if missing:
+        raise _unsupported(
+            model, f"layer {index} caches a multi-head latent (kv_lora_rank={attn.kv_lora_rank}) "
+            f"but its attention module has no {', '.join(missing)}, which the backend needs to "
+            "score and store the latent",
+        )  # fmt: skip
+
+
+def absorb(module: nn.Module, query: Tensor, kv_nope: Tensor, k_rot: Tensor):
+    """An MLA layer's scoring queries and keys, in the latent space (weight absorption).
+
+    Head ``h``'s logit ``q_h · [W_h c_j ; r_j]`` (``W_h`` the key rows of ``kv_b_proj`` for head
+    ``h``, ``c_j`` the latent, ``r_j`` the rotary key) equals ``[W_hᵀ q_h,nope ; q_h,rot] ·
+    [c_j ; r_j]``: every head scores one shared key, the multi-query case of GQA, so a policy
+    ranks the tokens the whole layer stores with the heads' scores summed, exactly as for one
+    KV head of a GQA group. query (b, h, L, nope + rope), kv_nope (b, 1, L, rank), k_rot
+    (b, 1, L, rope) -> (b, h, L, rank + rope), (b, 1, L, rank + rope)."""
+    nope, heads = module.qk_nope_head_dim, query.shape[1]
+    weight = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, -1)[:, :nope]
+    q_latent = torch.einsum("bhld,hdr->bhlr", query[..., :nope], weight.to(query.dtype))
+    return torch.cat((q_latent, query[..., nope:]), dim=-1), torch.cat((kv_nope, k_rot), dim=-1)
 
 
 def modality(family: Family, input_ids: Tensor | None, token_types: Tensor | None) -> Tensor | None:
@@ -289,7 +329,8 @@ def csp_attention(
     backend = module.csp_backend
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     index = module.layer_idx
-    window = backend.family.windows[backend.family.kv_source.get(index, index)]
+    source = backend.family.kv_source.get(index, index)
+    window, chunk = backend.family.windows[source], backend.family.chunks[source]
     cache = backend.active
     if cache is None or cache.phase == "prefill":
         model_mask = attention_mask if isinstance(attention_mask, Tensor) else None
@@ -302,21 +343,26 @@ def csp_attention(
             out = prefill_attention(
                 query, key, value, scale=scale, key_padding=backend.key_padding,
                 sliding_window=None if model_mask is not None else window,
-                kernel=backend.kernel, model_mask=model_mask,
+                chunk=None if model_mask is not None else chunk, kernel=backend.kernel,
+                model_mask=model_mask,
             )  # fmt: skip
         if cache is not None and index not in backend.family.kv_source:
-            layer = cache.layers[index]
+            layer, score_key = cache.layers[index], None
+            if layer.spec.latent:  # store the latents, score in their space
+                (key, value), layer.prompt = layer.prompt, None
+                query, score_key = absorb(module, query, key, value)
             torch.ops.csp_inductor.compact_(
                 query, key, value, backend.is_image, backend.key_padding, layer.keys,
                 layer.values, layer.positions, cache.lengths, backend.policy_index, scale,
+                score_key,
             )  # fmt: skip
         return out, None
-    layer = cache.layers[backend.family.kv_source.get(index, index)]
+    layer = cache.layers[source]
+    block_mask = backend.block_masks.get((query.shape[2], source if window or chunk else None))
     with label("csp::decode_attention"):
         out = decode_attention(
             query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
             scale=scale, sliding_window=window, kernel=backend.kernel,
-            block_mask=backend.block_masks.get(layer.index if window else None),
-            null_logit=backend.null_logit,
+            block_mask=block_mask, null_logit=backend.null_logit, chunk=chunk, starts=cache.starts,
         )  # fmt: skip
     return out, None

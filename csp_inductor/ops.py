@@ -8,7 +8,8 @@ neither Triton nor CUDA: the CUDA implementations import the kernels when first 
   -> (batch, kv_heads, 2, seq) fp32
 - ``csp_inductor::n_softmax(x, n, dim)`` -> like ``x``
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
-  positions_out!, policy, scale)``: prefill selection + compaction into the cache buffers
+  positions_out!, policy, scale, score_key?)``: prefill selection + compaction into the cache
+  buffers
 """
 
 from __future__ import annotations
@@ -94,16 +95,20 @@ def compact_op(
     lengths: Tensor,
     policy: Tensor,
     scale: float,
+    score_key: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
     query (b, hq, L, d), key/value (b, hkv, L, d) -> keys_out/values_out[:, :, :K]
     (b, hkv, capacity, d) and positions_out[:, :, :K] (absolute positions, -1 = unused).
     ``lengths`` (b,) is what the cache was allocated for; a different count is an error.
-    ``policy`` () long: the index of the policy (:func:`register_policy`).
+    ``policy`` () long: the index of the policy (:func:`register_policy`). ``score_key``
+    (b, hkv, L, d'): the keys the policy scores ``query`` against when they are not the stored
+    ones (an MLA layer stores its latent and scores with it joined to its rotary key).
     """
+    scored = key if score_key is None else score_key
     with label("csp::selection"):
-        idx = _POLICIES[int(policy)].select(query, key, is_image, key_padding, scale=scale)
+        idx = _POLICIES[int(policy)].select(query, scored, is_image, key_padding, scale=scale)
     width = idx.shape[-1]
     counts = (idx >= 0).sum(dim=-1)
     if not torch.equal(counts, lengths[:, None].expand_as(counts)):

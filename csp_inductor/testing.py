@@ -411,7 +411,8 @@ TINY_TEXT = dict(
     num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, linear_num_key_heads=2,
     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
     hidden_size_per_layer_input=8, vocab_size_per_layer_input=TINY_VOCAB + 32,
-    sliding_window=24,
+    sliding_window=24, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16,
+    v_head_dim=24, attention_chunk_size=16,
 )  # fmt: skip
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
@@ -428,6 +429,18 @@ TINY_OVERRIDES: dict[str, tuple[dict, dict]] = {
         name: ({"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}, {})
         for name in ("qwen2_vl", "qwen2_5_vl", "glm4v")
     },
+    # plain rotary over the (tiny) rope part of the head, not YaRN's checkpoint scaling
+    "mistral4": (
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "llama_4_scaling_beta": 0.1,
+                "original_max_position_embeddings": 64,
+            },
+        },
+        {},
+    ),
     # the last two layers reuse the K/V of the last sliding and the last full layer before them
     "gemma3n_text": (
         {
@@ -468,8 +481,13 @@ def tiny_family_config(model_type: str):
     types = text.get("layer_types")
     if types:
         text["layer_types"] = list(dict.fromkeys(types))
+    if text.get("kv_lora_rank"):  # MLA expands the latent into one K/V per query head
+        text["num_key_value_heads"] = text["num_attention_heads"]
     text.update(text_over)
     text["num_hidden_layers"] = len(text["layer_types"]) if types else 2
+    if text.get("mlp_layer_types"):  # one dense and one MoE MLP where the defaults have both
+        mlps = list(dict.fromkeys(text["mlp_layer_types"]))
+        text["mlp_layer_types"] = (mlps * 2)[: text["num_hidden_layers"]]
     for key in [k for k in text if k.endswith(("_token_id", "_token_index"))]:
         if isinstance(text[key], int) and text[key] >= TINY_VOCAB:
             text[key] = TINY_VOCAB - 1

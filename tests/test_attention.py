@@ -29,26 +29,32 @@ def flex_prefill():
 
 
 @pytest.mark.parametrize(
-    ("kernel", "pads", "window"),
+    ("kernel", "pads", "window", "chunk"),
     [
-        ("sdpa", None, None),
-        ("sdpa", [0, 7], None),
-        ("sdpa", [3, 0], 5),
-        ("flex", None, None),
-        ("flex", [3, 0], 5),
+        ("sdpa", None, None, None),
+        ("sdpa", [0, 7], None, None),
+        ("sdpa", [3, 0], 5, None),
+        ("sdpa", [0, 7], None, 8),
+        ("flex", None, None, None),
+        ("flex", [3, 0], 5, None),
+        ("flex", [0, 7], None, 8),
     ],
 )
-def test_prefill_matches_dense(kernel, pads, window, flex_prefill):
+def test_prefill_matches_dense(kernel, pads, window, chunk, flex_prefill):
     torch.manual_seed(0)
     b, hq, hkv, seq, d = 2, 4, 2, 37, 16
     q, k, v = (torch.randn(b, h, seq, d) for h in (hq, hkv, hkv))
     pad = None if pads is None else torch.arange(seq)[None] < torch.tensor(pads)[:, None]
     fn = flex_prefill if kernel == "flex" else prefill_attention
-    out = fn(q, k, v, scale=0.3, key_padding=pad, sliding_window=window, kernel=kernel)
+    out = fn(q, k, v, scale=0.3, key_padding=pad, sliding_window=window, kernel=kernel, chunk=chunk)
     i = torch.arange(seq)
     allowed = (i[None] <= i[:, None]).expand(b, hq, seq, seq)
     if window is not None:
         allowed = allowed & (i[:, None] - i[None] < window)
+    if chunk is not None:  # chunks from each row's first real token
+        rel = i[None] - torch.tensor(pads)[:, None]  # (b, seq)
+        same = rel[:, :, None] // chunk == rel[:, None, :] // chunk
+        allowed = allowed & same[:, None]
     if pad is not None:
         allowed = allowed & ~pad[:, None, None, :]
     want = dense(q.double(), k.double(), v.double(), allowed, 0.3)
@@ -57,8 +63,8 @@ def test_prefill_matches_dense(kernel, pads, window, flex_prefill):
     assert out.isfinite().all()
 
 
-@pytest.mark.parametrize("window", [None, 60])
-def test_decode_sdpa_and_flex_match_dense(window):
+@pytest.mark.parametrize(("window", "chunk"), [(None, None), (60, None), (None, 64)])
+def test_decode_sdpa_and_flex_match_dense(window, chunk):
     torch.manual_seed(1)
     # cap: a whole number of flex blocks, as the cache allocates for flex (see PrunedCache)
     b, hq, hkv, cap, d = 2, 4, 2, 256, 16
@@ -68,10 +74,12 @@ def test_decode_sdpa_and_flex_match_dense(window):
     positions = torch.sort(torch.randint(0, 300, (b, hkv, cap)), dim=-1).values
     seen = torch.tensor(302)
     positions[torch.arange(b), :, lengths] = seen  # the new token, written before attending
+    starts = torch.tensor([0, 9])  # left padding: where each row's chunks start
     kw = dict(lengths=lengths, positions=positions, seen=seen, scale=0.25, sliding_window=window)
+    kw |= dict(chunk=chunk, starts=starts)
     sdpa = decode_attention(q, keys, values, kernel="sdpa", **kw)
-    mask = decode_block_mask(lengths, positions, seen, window, q_heads=hq)
-    flex = torch.compile(decode_attention, fullgraph=True)(
+    mask = decode_block_mask(lengths, positions, seen, window, hq, chunk=chunk, starts=starts)
+    flex = torch.compile(decode_attention, fullgraph=True, dynamic=False)(
         q, keys, values, kernel="flex", block_mask=mask, **kw
     )
     slot = torch.arange(cap)
@@ -79,6 +87,9 @@ def test_decode_sdpa_and_flex_match_dense(window):
     allowed = allowed.expand(b, hkv, 1, cap)
     if window is not None:
         allowed = allowed & (seen - positions[:, :, None, :] < window)
+    if chunk is not None:
+        start = starts[:, None, None, None]
+        allowed = allowed & ((seen - start) // chunk == (positions[:, :, None, :] - start) // chunk)
     allowed = allowed.repeat_interleave(hq // hkv, 1)
     want = dense(q.double(), keys.double(), values.double(), allowed, 0.25)
     torch.testing.assert_close(sdpa.double(), want, atol=2e-5, rtol=1e-4)
@@ -118,3 +129,14 @@ def test_decode_null_slot_gives_the_n_softmax(kernel):
     weights = n_softmax(logits.masked_fill(~valid, -math.inf), n=n)
     want = (weights @ values.double().repeat_interleave(g, 1)).transpose(1, 2)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_flex_decode_mask_lives_on_the_caches_device():
+    # on CUDA flex refuses a block mask on another device than q/k/v; "meta" stands in for it
+    lengths = torch.tensor([3, 5], device="meta")
+    positions = torch.zeros(2, 2, 256, dtype=torch.long, device="meta")
+    seen = torch.tensor(9, device="meta")
+    for window in (None, 60):
+        mask = decode_block_mask(lengths, positions, seen, window, q_heads=4, q_len=3)
+        assert {t.device.type for t in mask.as_tuple() if isinstance(t, torch.Tensor)} == {"meta"}
+        assert mask.kv_num_blocks.shape == (2, 1 if window is None else 4, 1)

@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from transformers import (
     AttentionInterface,
     CLIPVisionConfig,
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -245,3 +246,27 @@ def test_cache_grows_past_its_decode_capacity():
         logits.append(torch.stack(steps))
         assert cache.room() >= 0 and cache.longest == cache.kept_prompt[0] + 6
     torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_flex_decode_steps_of_several_tokens():
+    # assisted decoding verifies several draft tokens in one forward: a step of 3 tokens
+    # between steps of 1 must attend as the unmodified model does (flex builds a mask per size)
+    inputs = prompt([30, 25], seed=4)
+    model = tiny_llava()
+    steps = [torch.tensor([[5]]), torch.tensor([[6, 7, 8]]), torch.tensor([[9]])]
+
+    def run(cache):
+        out = model(**inputs, past_key_values=cache)
+        mask, logits = inputs["attention_mask"], []
+        for ids in steps:
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            logits.append(out.logits[0])
+        return torch.cat(logits)
+
+    with torch.no_grad():
+        want = run(DynamicCache())
+        csp_inductor.compile(model, Full(), compile=False, kernel="flex")
+        got = run(model.csp_backend.new_cache(decode_capacity=8))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert {key[0] for key in model.csp_backend.block_masks} == {1, 3}

@@ -33,22 +33,24 @@ PADS = [0, 5]
 MATRIX = (
     "aria", "aya_vision", "cohere2_vision", "deepseek_vl", "exaone4_5", "gemma3", "gemma3n_text",
     "gemma4", "glm4v", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3", "internvl",
-    "lfm2_vl", "lighton_ocr", "llava", "llava_next", "llava_next_video", "llava_onevision",
-    "minicpmv4_6", "mistral3", "molmo2", "paligemma", "qianfan_ocr", "qwen2_vl", "qwen2_5_vl",
-    "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
-    "video_llama_3", "video_llava", "vipllava",
+    "kimi_k25", "lfm2_vl", "lighton_ocr", "llama4_text", "llava", "llava_next", "llava_next_video",
+    "llava_onevision", "minicpmv4_6", "mistral3", "mistral4", "molmo2", "paligemma",
+    "qianfan_ocr", "qwen2_vl", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe",
+    "shieldgemma2", "smolvlm", "video_llama_3", "video_llava", "vipllava",
 )  # fmt: skip
 # Compiled in every run: one family per kind of decoder (plain; sliding windows and the model's
 # own bidirectional image mask; prefix mask; multimodal rotary with token types; short-conv
-# hybrid; shared K/V; linear-attention hybrid). CSP_COMPILE_ALL_FAMILIES=1 compiles them all.
-COMPILED = ("llava", "gemma3", "paligemma", "qwen3_vl", "lfm2_vl", "gemma4", "qwen3_5")
+# hybrid; shared K/V; linear-attention hybrid; latent attention; chunked attention).
+# CSP_COMPILE_ALL_FAMILIES=1 compiles them all.
+COMPILED = (
+    "llava", "gemma3", "paligemma", "qwen3_vl", "lfm2_vl", "gemma4", "qwen3_5", "kimi_k25",
+    "llama4_text",
+)  # fmt: skip
 # Families the backend refuses, and the reason it gives.
 REFUSED = {
     "mllama": "only as cross-attention K/V",
     "idefics": "only as cross-attention K/V",
-    "kimi_k25": "multi-head latent attention",
-    "mistral4": "multi-head latent attention",
-    "llama4": "'chunked_attention'",
+    "deepseek_v32": "'indexed_attention'",
     "blip-2": r"\(OPTModel, from get_decoder\(\)\) has no `.layers`",
     "pix2struct": r"\(Pix2StructTextModel, from get_decoder\(\)\) has no `.layers`",
     "kosmos-2": "no placeholder token id",
