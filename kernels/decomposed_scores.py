@@ -105,10 +105,10 @@ def _smem_budget(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", _SMEM_FALLBACK)
 
 
-_TUNE = {
-    "key": ["seq_bucket", "window_bucket", "group", "BLOCK_D"],
-    "prune_configs_by": {"early_config_prune": _prune},
-}
+# Tuned per size bucket and per compile-time variant: a config tuned without padding or the
+# n-softmax must not be reused for a launch with them (another kernel, other register needs).
+_TUNE_KEY = ["seq_bucket", "window_bucket", "group", "BLOCK_D", "HAS_PAD"]
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -254,8 +254,12 @@ def _column_sums_kernel(
     tl.store(out_base + seq + cols, tl.where(key_img, acc_txt, acc_img), mask=col_ok)
 
 
-_window_shift_tuned = triton.autotune(_PASS1_CONFIGS, **_TUNE)(_window_shift_kernel)
-_column_sums_tuned = triton.autotune(_PASS2_CONFIGS, **_TUNE)(_column_sums_kernel)
+_window_shift_tuned = triton.autotune(
+    _PASS1_CONFIGS, key=[*_TUNE_KEY, "HAS_WMASK", "HAS_N"], prune_configs_by=_PRUNE
+)(_window_shift_kernel)
+_column_sums_tuned = triton.autotune(
+    _PASS2_CONFIGS, key=[*_TUNE_KEY, "DOT_FP32"], prune_configs_by=_PRUNE
+)(_column_sums_kernel)
 
 
 def _as_bytes(mask: Tensor | None, fallback: Tensor) -> tuple[Tensor, int, int]:

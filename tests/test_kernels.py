@@ -220,3 +220,11 @@ def test_n_softmax_kernel_takes_strided_and_empty_inputs():
         n_softmax_triton(x, 1.0, -1), reference.n_softmax(x.double(), 1.0).float()
     )
     assert n_softmax_triton(torch.zeros(0, 5, device=DEVICE), 1.0, -1).shape == (0, 5)
+
+
+def test_autotuning_keys_on_every_compile_time_variant():
+    # a config tuned for one variant (no padding, no n-softmax, ...) is not reused for another
+    pass1 = set(scores_kernel._window_shift_tuned.keys)
+    pass2 = set(scores_kernel._column_sums_tuned.keys)
+    assert {"HAS_PAD", "HAS_WMASK", "HAS_N", "BLOCK_D", "group"} <= pass1
+    assert {"HAS_PAD", "DOT_FP32", "BLOCK_D", "group"} <= pass2
