@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 FLOOR_VENV ?= .venv-floor
 FLOOR_TRANSFORMERS ?= transformers==5.23.0
 
-.PHONY: setup demo test test-floor lint bench
+.PHONY: setup demo test test-floor lint bench gpu-check aot
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,3 +44,14 @@ lint: setup
 
 bench: setup
 	$(PY) -m pytest bench/ --benchmark-columns=min,median,max --benchmark-sort=name
+
+# on a CUDA machine: GPU-tier tests and GPU benchmarks, each under a time budget (exits at once,
+# status 2, without a GPU)
+gpu-check:
+	python3 bench/gpu_check.py --device-only
+	$(MAKE) setup
+	$(PY) bench/gpu_check.py
+
+# the ahead-of-time resource table of the Triton kernels (sm_80, sm_90; minutes, no GPU needed)
+aot: setup
+	$(PY) bench/aot_resources.py

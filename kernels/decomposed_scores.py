@@ -38,8 +38,11 @@ explicitly, so q/k may be non-contiguous views; offsets are int64.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -67,6 +70,7 @@ def _configs(*specs: tuple[int, int, int, int]) -> list[triton.Config]:
 _PASS1_CONFIGS = _configs(
     (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
     (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4),
+    (32, 32, 4, 2),  # fits fp32 head dims up to 256 on sm_80 (64 KiB)
 )  # fmt: skip
 _PASS2_CONFIGS = _configs(
     (64, 32, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3),
@@ -75,26 +79,68 @@ _PASS2_CONFIGS = _configs(
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose blocks exceed the problem or whose tiles exceed shared memory."""
+    """The configs a launch may autotune over: on an architecture in the compiled resource table
+    (``aot_resources.json``: sm_80, sm_90) those that compiled within shared memory and, for
+    fp16/bf16, without register spills; elsewhere those whose tiles fit shared memory. Then
+    those whose blocks do not exceed the problem (unless none does). Never empty."""
     window, seq = named_args["window"], named_args["seq"]
     q = named_args["q_ptr"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    # pass 1 holds a q tile and pipelines k tiles; pass 2 holds a k tile and pipelines q tiles
-    held, streamed = ("BLOCK_M", "BLOCK_N") if "wmask_ptr" in named_args else ("BLOCK_N", "BLOCK_M")
-
-    def smem(cfg: triton.Config) -> int:
-        rows = cfg.kwargs[held] + cfg.kwargs[streamed] * cfg.num_stages
-        return rows * block_d * q.element_size()
-
-    budget = _smem_budget(q.device)
+    kernel = "window_shift" if "wmask_ptr" in named_args else "column_sums"
+    passing = _gate_passing(kernel, _arch(q.device), q.dtype, block_d)
+    if passing is not None:
+        fitting = [cfg for cfg in configs if _key(cfg) in passing]
+    else:
+        budget = _smem_budget(q.device)
+        fitting = [
+            cfg for cfg in configs if _smem(cfg, kernel, block_d, q.element_size()) <= budget
+        ]
     max_m = max(16, triton.next_power_of_2(window))
     max_n = max(16, triton.next_power_of_2(seq))
-    kept = [
-        cfg
-        for cfg in configs
-        if cfg.kwargs["BLOCK_M"] <= max_m and cfg.kwargs["BLOCK_N"] <= max_n and smem(cfg) <= budget
-    ]
-    return kept or [min(configs, key=smem)]  # never empty: the smallest footprint
+    sized = [c for c in fitting if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
+    if sized or fitting:
+        return sized or fitting
+    return [min(configs, key=lambda cfg: _smem(cfg, kernel, block_d, q.element_size()))]
+
+
+def _smem(cfg: triton.Config, kernel: str, block_d: int, element_size: int) -> int:
+    """Shared memory of a config's tiles: pass 1 holds a q tile and pipelines k tiles, pass 2
+    the reverse; the held tile plus ``num_stages - 1`` streamed ones, as Triton's pipeliner
+    allocates them (checked against compiled kernels: tests/test_aot.py)."""
+    held, streamed = ("BLOCK_M", "BLOCK_N") if kernel == "window_shift" else ("BLOCK_N", "BLOCK_M")
+    rows = cfg.kwargs[held] + cfg.kwargs[streamed] * (cfg.num_stages - 1)
+    return rows * block_d * element_size
+
+
+def _key(cfg: triton.Config) -> tuple[int, int, int, int]:
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _gate_passing(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int):
+    """The configs (:func:`_key`) of ``kernel`` that pass the compile gate for this
+    architecture, dtype and head-dim block; None when the table does not cover them."""
+    return _gate_table().get((kernel, arch, _DTYPE_NAMES.get(dtype), block_d))
+
+
+@functools.cache
+def _gate_table() -> dict:
+    rows = json.loads(Path(__file__).with_name("aot_resources.json").read_text())["rows"]
+    table = {}
+    for r in rows:
+        group = table.setdefault((r["kernel"], r["arch"], r["dtype"], r["width"]), set())
+        if not r["problems"]:
+            group.add((r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]))
+    return table
 
 
 def _smem_budget(device: torch.device) -> int:

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 _MAX_BLOCK = 4096
+BLOCKS = tuple(2**i for i in range(4, 13))  # the row blocks a launch can use: 16 .. _MAX_BLOCK
 _MAX_ROWS = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -94,6 +95,11 @@ def n_softmax_triton(x: Tensor, n: float, dim: int) -> Tensor:
         _n_softmax_kernel[(n_rows,)](
             flat, out, n_cols, flat.stride(0), out.stride(0),
             math.log(n) if n > 0 else 0.0,
-            HAS_N=n > 0, ACC=acc, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+            HAS_N=n > 0, ACC=acc, BLOCK=block, num_warps=num_warps(block),
         )  # fmt: skip
     return out.view(rows.shape).movedim(-1, dim)
+
+
+def num_warps(block: int) -> int:
+    """Warps of a launch with row block ``block``."""
+    return 8 if block >= 2048 else 4

@@ -157,3 +157,27 @@ def test_compiled_public_function_fullgraph_on_cuda():
         q_window, k, is_image, n=1.0, key_padding=key_padding, window_mask=window_mask
     )
     torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_compiled_model_keep_all_is_exact_in_one_graph_per_phase_on_cuda(family):
+    # the whole CUDA path: flex prefill and decode, the compaction op, cache growth by generate
+    from csp_inductor.testing import (
+        assert_same_generation,
+        greedy,
+        placeholder_inputs,
+        tiny_family_model,
+    )
+
+    model = tiny_family_model(family).cuda()
+    prompts = [
+        {k: v.cuda() for k, v in placeholder_inputs(model, 2, [0, 5], seed, n).items()}
+        for seed, n in ((0, 96), (1, 120))
+    ]
+    refs = [greedy(model, inputs, 6) for inputs in prompts]
+    csp_inductor.compile(model, csp_inductor.Full())
+    assert model.csp_backend.kernel == "flex"
+    assert_same_generation(greedy(model, prompts[0], 6), refs[0])
+    graphs = model.csp_backend.graphs
+    assert_same_generation(greedy(model, prompts[1], 6), refs[1])
+    assert model.csp_backend.graphs == graphs and model.csp_backend.fallback is None
