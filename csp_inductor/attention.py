@@ -176,12 +176,14 @@ def prefill_attention(
     kernel: str,
     model_mask: Tensor | None = None,
     chunk: int | None = None,
+    starts: Tensor | None = None,
 ) -> Tensor:
     """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d).
 
     ``model_mask`` (b or 1, 1, L, L) bool: the model's own mask (bidirectional image or prefix
     blocks, ...), used instead of the causal one; padding is still applied here. ``chunk``:
-    the layer's attention chunk (chunks start at each row's first real token). Queries may be
+    the layer's attention chunk, counted from ``starts`` (b,) long, each row's left padding
+    (None: no padding). Queries may be
     only the prompt's last ones (q (b, hq, t, d), t < L: a model that computes only the tokens
     it returns logits for in its last layers, as Gemma 4's KV-shared layers do)."""
     b, _, q_len, _ = q.shape
@@ -189,7 +191,6 @@ def prefill_attention(
     dense = None if model_mask is None else model_mask[:, 0].expand(b, q_len, kv_len)
     if chunk is not None and kv_len <= chunk:
         chunk = None  # every real token in the first chunk: causal
-    starts = None if chunk is None else leading_padding(key_padding)
     if kernel == "flex" and q_len == kv_len:
         mods = [causal_mask() if dense is None else dense_mask(dense)]
         if key_padding is not None:

@@ -101,6 +101,7 @@ class Backend:
         self.cache = self.new_cache()  # the cache of the last forward that had one
         self.is_image: torch.Tensor | None = None
         self.key_padding: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None
         # flex decode masks by (new tokens per step, layer or None for the global layers)
         self.block_masks: dict[tuple[int, int | None], object] = {}
         # the 2D attention mask generate had for its next forward (None = no padding)
@@ -284,12 +285,13 @@ class Backend:
             padding = torch.zeros(batch, q_len, dtype=torch.bool, device=is_image.device)
         self.is_image = is_image
         self.key_padding = padding
+        self.starts = leading_padding(padding)  # where each row's attention chunks start
         self.block_masks.clear()
         if cache is None:
             return
         pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        cache.start_prefill(kept, param.dtype, param.device, leading_padding(padding))
+        cache.start_prefill(kept, param.dtype, param.device, self.starts)
 
     def _build_block_masks(self, cache: PrunedCache, q_len: int) -> None:
         """The flex decode masks of a step of ``q_len`` new tokens (one token per step, or

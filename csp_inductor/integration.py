@@ -343,8 +343,8 @@ def csp_attention(
             out = prefill_attention(
                 query, key, value, scale=scale, key_padding=backend.key_padding,
                 sliding_window=None if model_mask is not None else window,
-                chunk=None if model_mask is not None else chunk, kernel=backend.kernel,
-                model_mask=model_mask,
+                chunk=None if model_mask is not None else chunk, starts=backend.starts,
+                kernel=backend.kernel, model_mask=model_mask,
             )  # fmt: skip
         if cache is not None and index not in backend.family.kv_source:
             layer, score_key = cache.layers[index], None

@@ -46,7 +46,9 @@ def test_prefill_matches_dense(kernel, pads, window, chunk, flex_prefill):
     q, k, v = (torch.randn(b, h, seq, d) for h in (hq, hkv, hkv))
     pad = None if pads is None else torch.arange(seq)[None] < torch.tensor(pads)[:, None]
     fn = flex_prefill if kernel == "flex" else prefill_attention
-    out = fn(q, k, v, scale=0.3, key_padding=pad, sliding_window=window, kernel=kernel, chunk=chunk)
+    starts = None if pad is None else torch.tensor(pads)  # the rows' left padding
+    kw = dict(key_padding=pad, sliding_window=window, kernel=kernel, chunk=chunk, starts=starts)
+    out = fn(q, k, v, scale=0.3, **kw)
     i = torch.arange(seq)
     allowed = (i[None] <= i[:, None]).expand(b, hq, seq, seq)
     if window is not None:
