@@ -221,8 +221,7 @@ def detect(model: nn.Module, attn_name: str) -> Family:
     return Family(
         decoder=decoder, attn_target=_attn_target(model, decoder, attn_name), token_ids=token_ids,
         token_types=token_types, layer_types=layer_types, windows=windows, chunks=chunks,
-        states=states,
-        kv_source=sources,
+        states=states, kv_source=sources,
     )  # fmt: skip
 
 
