@@ -35,7 +35,9 @@ from . import decomposed_scores, n_softmax
 
 ARCHS = (80, 90)
 BLOCK_DS = (64, 128, 256)  # the head dims 64 | 80, 96, 128 | 256
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32")  # of the scoring kernels; the n-softmax also takes fp64
+HALF = ("fp16", "bf16")  # must not spill; fp32/fp64 may (reported)
+POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 # shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB
 SMEM_LIMIT = {80: 166_912, 90: 232_448}
 SMEM_PER_SM = {80: 167_936, 90: 233_472}
@@ -76,7 +78,7 @@ class Case:
 
 
 def _scores_signature(fn, dtype: str) -> dict[str, str]:
-    pointer = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    pointer = POINTER[dtype]
     types = {
         "q_ptr": pointer, "k_ptr": pointer, "pad_ptr": "*u8", "wmask_ptr": "*u8",
         "img_ptr": "*u8", "shift_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32",
@@ -94,10 +96,11 @@ def jit(kernel):
 def _compile(case: Case):
     if case.kernel == "n_softmax":
         fn = jit(n_softmax._n_softmax_kernel)
-        pointer = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[case.dtype]
+        pointer = POINTER[case.dtype]
         signature = {"x_ptr": pointer, "out_ptr": pointer, "n_cols": "i32", "stride_x": "i64",
                      "stride_out": "i64", "log_n": "fp32"}  # fmt: skip
-        constexprs = {**dict(case.flags), "ACC": triton.language.float32, "BLOCK": case.width}
+        acc = triton.language.float64 if case.dtype == "fp64" else triton.language.float32
+        constexprs = {**dict(case.flags), "ACC": acc, "BLOCK": case.width}
     else:
         fn = jit(getattr(decomposed_scores, f"_{case.kernel}_kernel"))
         signature = _scores_signature(fn, case.dtype)
@@ -167,7 +170,7 @@ def problems(row: dict) -> list[str]:
     found = []
     if row["shared"] > SMEM_LIMIT[row["arch"]]:
         found.append(f"shared memory {row['shared']} B > {SMEM_LIMIT[row['arch']]} B")
-    if row["dtype"] != "fp32" and row["spill_stores"]:
+    if row["dtype"] in HALF and row["spill_stores"]:
         found.append(f"{row['spill_stores']} B of register spills")
     return found
 
@@ -183,24 +186,19 @@ SCORE_KERNELS = (
 )
 
 
-def cases(all_flags: bool = False) -> list[Case]:
-    """Every config × dtype × head dim × arch; with ``all_flags``, every flag combination too
-    (else each kernel's flags all on)."""
+def cases() -> list[Case]:
+    """Every config × dtype × head dim × arch, each kernel's flags on."""
     out = []
-    on_off = (False, True) if all_flags else (True,)
     for arch in ARCHS:
         for dtype in DTYPES:
-            for d in BLOCK_DS:
-                for name, configs, flag_names in SCORE_KERNELS:
-                    for cfg, values in itertools.product(
-                        configs, itertools.product(on_off, repeat=len(flag_names))
-                    ):
-                        tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
-                        flags = tuple(zip(flag_names, values, strict=True))
-                        out.append(Case(name, arch, dtype, d, *tile, cfg.num_stages, flags))
-            for block in n_softmax.BLOCKS:
-                warps = n_softmax.num_warps(block)
-                for has_n in on_off:
-                    out.append(Case("n_softmax", arch, dtype, block, num_warps=warps,
-                                    flags=(("HAS_N", has_n),)))  # fmt: skip
+            for d, (name, configs, flag_names) in itertools.product(BLOCK_DS, SCORE_KERNELS):
+                for cfg in configs:
+                    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
+                    flags = tuple((flag, True) for flag in flag_names)
+                    out.append(Case(name, arch, dtype, d, *tile, cfg.num_stages, flags))
+        for dtype, block in itertools.product((*DTYPES, "fp64"), n_softmax.BLOCKS):
+            warps = n_softmax.num_warps(block)
+            out.append(
+                Case("n_softmax", arch, dtype, block, num_warps=warps, flags=(("HAS_N", True),))
+            )
     return out
