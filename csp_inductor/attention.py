@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import (
+    AuxRequest,
     BlockMask,
     and_masks,
     flex_attention,
@@ -177,8 +178,10 @@ def prefill_attention(
     model_mask: Tensor | None = None,
     chunk: int | None = None,
     starts: Tensor | None = None,
-) -> Tensor:
-    """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d).
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Unpruned prompt attention. q (b, hq, L, d), k/v (b, hkv, L, d) -> (b, L, hq, d), and
+    with ``return_lse`` (FlexAttention, all queries) the rows' log-sum-exp (b, hq, L) fp32.
 
     ``model_mask`` (b or 1, 1, L, L) bool: the model's own mask (bidirectional image or prefix
     blocks, ...), used instead of the causal one; padding is still applied here. ``chunk``:
@@ -204,8 +207,16 @@ def prefill_attention(
             mask_mod, b if key_padding is not None or dense is not None else None, None,
             q_len, kv_len, device=q.device,
         )  # fmt: skip
+        if return_lse:
+            out, aux = flex_attention(
+                q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                return_aux=AuxRequest(lse=True),
+            )  # fmt: skip
+            return _bhsd_to_bshd(out), aux.lse
         out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
         return _bhsd_to_bshd(out)
+    if return_lse:
+        raise ValueError("return_lse needs kernel='flex' and a query for every key")
     plain = key_padding is None and sliding_window is None and dense is None and chunk is None
     if plain and q_len == kv_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)

@@ -338,22 +338,35 @@ def csp_attention(
                 "csp_inductor reads a model's own prefill mask as (batch, 1, q, kv) bool; got "
                 f"attention_mask of dtype {model_mask.dtype} and shape {tuple(model_mask.shape)}"
             )
+        stores = cache is not None and index not in backend.family.kv_source
+        layer = cache.layers[index] if stores else None
+        # FlexAttention's per-row log-sum-exp is the scorer's where the rows are plain causal
+        # (on CPU, reusing SDPA's is measured no faster: bench/bench_prefill.py; Inductor's CPU
+        # flex cannot return it, torch 2.13)
+        return_lse = (
+            stores and backend.kernel == "flex" and model_mask is None and window is None
+            and chunk is None and not layer.spec.latent and query.shape[2] == key.shape[2]
+            and (query.is_cuda or not torch.compiler.is_compiling())
+        )  # fmt: skip
+        lse = None
         with label("csp::prefill_attention"):
             out = prefill_attention(
                 query, key, value, scale=scale, key_padding=backend.key_padding,
                 sliding_window=None if model_mask is not None else window,
                 chunk=None if model_mask is not None else chunk, starts=backend.starts,
-                kernel=backend.kernel, model_mask=model_mask,
+                kernel=backend.kernel, model_mask=model_mask, return_lse=return_lse,
             )  # fmt: skip
-        if cache is not None and index not in backend.family.kv_source:
-            layer, score_key = cache.layers[index], None
+        if return_lse:
+            out, lse = out
+        if stores:
+            score_key = None
             if layer.spec.latent:  # store the latents, score in their space
                 (key, value), layer.prompt = layer.prompt, None
                 query, score_key = absorb(module, query, key, value)
             torch.ops.csp_inductor.compact_(
                 query, key, value, backend.is_image, backend.key_padding, layer.keys,
                 layer.values, layer.positions, cache.lengths, backend.policy_index, scale,
-                score_key,
+                score_key, lse,
             )  # fmt: skip
         return out, None
     layer = cache.layers[source]

@@ -8,8 +8,8 @@ neither Triton nor CUDA: the CUDA implementations import the kernels when first 
   -> (batch, kv_heads, 2, seq) fp32
 - ``csp_inductor::n_softmax(x, n, dim)`` -> like ``x``
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
-  positions_out!, policy, scale, score_key?)``: prefill selection + compaction into the cache
-  buffers
+  positions_out!, lengths, policy, scale, score_key?, lse?)``: prefill selection + compaction
+  into the cache buffers
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def compact_op(
     policy: Tensor,
     scale: float,
     score_key: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
@@ -104,11 +105,68 @@ def compact_op(
     ``lengths`` (b,) is what the cache was allocated for; a different count is an error.
     ``policy`` () long: the index of the policy (:func:`register_policy`). ``score_key``
     (b, hkv, L, d'): the keys the policy scores ``query`` against when they are not the stored
-    ones (an MLA layer stores its latent and scores with it joined to its rotary key).
+    ones (an MLA layer stores its latent and scores with it joined to its rotary key). ``lse``
+    (b, hq, L) fp32: the log-sum-exp of the prompt's causal attention rows, when the attention
+    kernel returned it; a window scorer then does not recompute it.
     """
+    chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
+    window_scores = None
+    if lse is not None:
+        window_scores = _window_scores(chosen, query, scored, is_image, key_padding, lse, scale)
+    _compact(
+        chosen, query, key, value, is_image, key_padding, keys_out, values_out, positions_out,
+        lengths, scale, score_key=scored, window_scores=window_scores,
+    )  # fmt: skip
+
+
+def _window_scores(
+    policy: Policy,
+    query: Tensor,
+    key: Tensor,
+    is_image: Tensor,
+    key_padding: Tensor | None,
+    lse: Tensor,
+    scale: float,
+) -> Tensor | None:
+    """A window scorer's scores from the attention's log-sum-exp (the Triton kernel on CUDA,
+    the chunked torch path elsewhere); None for the other policies."""
+    window = policy.scoring_window(key.shape[2], key_padding)
+    if window is None:
+        return None
+    seq, width = key.shape[2], window.mask.shape[1]
+    args = (
+        query[:, :, seq - width :], key, is_image, policy.window_n, scale, key_padding,
+        window.mask.to(query.device), lse[:, :, seq - width :], window.columns,
+    )  # fmt: skip
+    with label("csp::scoring"):
+        if query.is_cuda:
+            from .kernels.decomposed_scores import decomposed_scores_triton
+
+            return decomposed_scores_triton(*args)
+        return decomposed_scores_torch(*args)
+
+
+def _compact(
+    policy: Policy,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    is_image: Tensor,
+    key_padding: Tensor | None,
+    keys_out: Tensor,
+    values_out: Tensor,
+    positions_out: Tensor,
+    lengths: Tensor,
+    scale: float,
+    *,
+    score_key: Tensor,
+    window_scores: Tensor | None = None,
+) -> None:
     with label("csp::selection"):
-        idx = _POLICIES[int(policy)].select(query, scored, is_image, key_padding, scale=scale)
+        idx = policy.select(
+            query, score_key, is_image, key_padding, scale=scale, window_scores=window_scores
+        )
     width = idx.shape[-1]
     counts = (idx >= 0).sum(dim=-1)
     if not torch.equal(counts, lengths[:, None].expand_as(counts)):

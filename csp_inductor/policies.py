@@ -29,6 +29,15 @@ from .profiling import label
 from .scoring import decomposed_scores
 
 
+class ScoringWindow(NamedTuple):
+    """What a window scorer scores: ``mask`` (batch, W) bool, which of the last ``W`` queries
+    count (each row's own window), and ``columns``, the keys before every row's always-kept
+    recent tokens (the only ones ranked by score)."""
+
+    mask: Tensor
+    columns: int
+
+
 class Prompt(NamedTuple):
     """One layer's validated prompt, with each sequence's padding and budget."""
 
@@ -39,6 +48,7 @@ class Prompt(NamedTuple):
     scale: float
     pads: list[int]
     budgets: list[Budget]
+    window_scores: Tensor | None = None  # decomposed window scores computed by the caller
 
     @property
     def seq(self) -> int:
@@ -67,10 +77,15 @@ class Prompt(NamedTuple):
     def window(self) -> tuple[Tensor, Tensor]:
         """The scoring queries (batch, q_heads, W, head_dim) and the mask of those that count
         (batch, W), W being the longest window in the batch."""
-        width = max(b.window for b in self.budgets)
-        own = selection.counts([b.window for b in self.budgets], self.k.device)[:, 0]
-        mask = torch.arange(width, device=self.k.device) >= width - own
-        return self.q[:, :, self.seq - width :], mask
+        mask = _window_mask(self.budgets, self.k.device)
+        return self.q[:, :, self.seq - mask.shape[1] :], mask
+
+
+def _window_mask(budgets: list[Budget], device) -> Tensor:
+    """(batch, W) bool, W the longest window: which of the last W queries are a row's own."""
+    width = max(b.window for b in budgets)
+    own = selection.counts([b.window for b in budgets], device)[:, 0]
+    return torch.arange(width, device=device) >= width - own
 
 
 def _keep_all_as_recent(budget: Budget) -> Budget:
@@ -103,6 +118,27 @@ class Policy:
         """The budget of one sequence with ``length`` real prompt tokens."""
         raise NotImplementedError
 
+    @property
+    def window_n(self) -> float | None:
+        """The n-softmax parameter of the decomposed window scores this policy ranks with
+        (:func:`~csp_inductor.scoring.decomposed_scores` of :meth:`Prompt.window`'s queries),
+        or None when it ranks by anything else."""
+        return None
+
+    def scoring_window(self, seq: int, key_padding: Tensor | None) -> ScoringWindow | None:
+        """The window queries and keys :meth:`select` would score a ``seq``-token prompt with,
+        when their scores may be passed in as ``window_scores`` (a window scorer, some row
+        pruned, no right padding); else None."""
+        if self.window_n is None or _right_padding(key_padding) is not None:
+            return None
+        pads = [0] if key_padding is None else key_padding.sum(dim=1).tolist()
+        budgets = [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
+        if all(b.keep_all for b in budgets):
+            return None
+        device = None if key_padding is None else key_padding.device
+        recent = min(b.recent for b in budgets if not b.keep_all)
+        return ScoringWindow(_window_mask(budgets, device), seq - recent)
+
     def select(
         self,
         q: Tensor,
@@ -111,12 +147,31 @@ class Policy:
         key_padding: Tensor | None = None,
         *,
         scale: float | None = None,
+        window_scores: Tensor | None = None,
     ) -> Tensor:
-        """Kept prompt positions per KV head (see the module docstring for shapes)."""
+        """Kept prompt positions per KV head (see the module docstring for shapes).
+
+        ``window_scores`` (batch, kv_heads, 2, seq): the scores of the last
+        :meth:`scoring_window` queries with :attr:`window_n`, when the caller computed them
+        already (the prefill does, with the attention of those rows)."""
         prompt = self._prompt(q, k, is_image, key_padding, scale)
         if all(b.keep_all for b in prompt.budgets):
             return prompt.real()
         shift = _right_padding(key_padding)
+        if window_scores is not None:
+            if shift is not None or self.window_n is None:
+                raise ValueError(
+                    f"window_scores apply to window scorers (window_n is not None) on prompts "
+                    f"without right padding; got them for {self!r}"
+                    + (" with right-padded rows" if shift is not None else "")
+                )
+            b, heads, seq = k.shape[0], k.shape[1], k.shape[2]
+            if tuple(window_scores.shape) != (b, heads, 2, seq):
+                raise ValueError(
+                    f"window_scores must be (batch, kv_heads, 2, seq) = {(b, heads, 2, seq)}, "
+                    f"got shape={tuple(window_scores.shape)}"
+                )
+            prompt = prompt._replace(window_scores=window_scores)
         if shift is None:
             return self._select(prompt)
         # right-padded rows are rotated into left-padded ones, selected, and rotated back
@@ -250,14 +305,12 @@ class CSP(Policy):
                 out.append((bud.k_self + bud.k_cross, 0))
         return out
 
+    @property
+    def window_n(self) -> float:
+        return self.n
+
     def _select(self, prompt: Prompt) -> Tensor:
-        q_window, window_mask = prompt.window()
-        with label("csp::scoring"):
-            scores = decomposed_scores(
-                q_window, prompt.k, prompt.is_image, n=self.n, scale=prompt.scale,
-                key_padding=prompt.key_padding, window_mask=window_mask,
-            )  # fmt: skip
-        s_self, s_cross = scores.unbind(dim=2)
+        s_self, s_cross = _window_scores(prompt, self.n).unbind(dim=2)
         dev, seq, heads = prompt.k.device, prompt.seq, prompt.k.shape[1]
         quotas = self.quotas(prompt)
         k_self = selection.counts([q[0] for q in quotas], dev)
@@ -342,12 +395,23 @@ class ScoredPolicy(Policy):
         return selection.merge([chosen, prompt.recent()], prompt.seq)
 
 
-def _column_sums(prompt: Prompt, q: Tensor, window_mask: Tensor | None = None) -> Tensor:
+def _window_scores(prompt: Prompt, n: float) -> Tensor:
+    """The decomposed scores of the prompt's window queries: given, or computed here."""
+    if prompt.window_scores is not None:
+        return prompt.window_scores
+    q_window, window_mask = prompt.window()
+    with label("csp::scoring"):
+        return decomposed_scores(
+            q_window, prompt.k, prompt.is_image, n=n, scale=prompt.scale,
+            key_padding=prompt.key_padding, window_mask=window_mask,
+        )  # fmt: skip
+
+
+def _column_sums(prompt: Prompt, q: Tensor) -> Tensor:
     """Σ over the given queries of softmax attention per key: (batch, kv_heads, seq)."""
     scores = decomposed_scores(
-        q, prompt.k, prompt.is_image, n=0.0, scale=prompt.scale,
-        key_padding=prompt.key_padding, window_mask=window_mask,
-    )  # fmt: skip
+        q, prompt.k, prompt.is_image, n=0.0, scale=prompt.scale, key_padding=prompt.key_padding
+    )
     return scores.sum(dim=2)
 
 
@@ -379,9 +443,12 @@ class SnapKV(ScoredPolicy):
                 f"kernel_size must be an odd int >= 1, got kernel_size={self.kernel_size!r}"
             )
 
+    @property
+    def window_n(self) -> float:
+        return 0.0
+
     def score(self, prompt: Prompt) -> Tensor:
-        q_window, window_mask = prompt.window()
-        sums = _column_sums(prompt, q_window, window_mask)
+        sums = _window_scores(prompt, 0.0).sum(dim=2)
         # Zero the window columns first so that pooling near each sequence's own window edge
         # sees zero padding, as pooling over [0, seq - W) alone would.
         sums = sums.masked_fill(~prompt.pool(), 0.0)

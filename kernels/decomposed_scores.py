@@ -322,10 +322,15 @@ def decomposed_scores_triton(
     scale: float,
     key_padding: Tensor | None,
     window_mask: Tensor | None,
+    lse: Tensor | None = None,
+    columns: int | None = None,
 ) -> Tensor:
     """CSP's self/cross window scores, (batch, kv_heads, 2, seq) fp32 (``[:, :, 0]`` self).
 
-    Same semantics as ``csp_inductor.scoring.decomposed_scores_torch``.
+    Same semantics as ``csp_inductor.scoring.decomposed_scores_torch``, ``lse`` and
+    ``columns`` included: given the window rows' log-sum-exp (natural log, (batch, q_heads, W),
+    as FlexAttention returns it), pass 1 is replaced by an elementwise shift from it, and only
+    the key blocks before ``columns`` are scored.
 
     Args:
         q_window: (batch, q_heads, W, head_dim) fp16/bf16/fp32, the last ``W`` queries.
@@ -386,10 +391,15 @@ def decomposed_scores_triton(
             f"Triton kernels need CUDA tensors (got {k.device.type}), or TRITON_INTERPRET=1 "
             "set before Triton is imported"
         )
-    if b * hkv * seq == 0 or w == 0:
+    if lse is not None and (tuple(lse.shape) != (b, hq, w) or lse.device != k.device):
+        raise ValueError(
+            f"lse must be (batch, q_heads, W) = {(b, hq, w)} on {k.device}, got "
+            f"shape={tuple(lse.shape)} device={lse.device}"
+        )
+    scored = seq if lse is None or columns is None else max(0, min(seq, columns))
+    if b * hkv * scored == 0 or w == 0:
         return torch.zeros(b, hkv, 2, seq, dtype=torch.float32, device=k.device)
     out = torch.empty(b, hkv, 2, seq, dtype=torch.float32, device=k.device)
-    shift = torch.empty(b, hq, w, dtype=torch.float32, device=k.device)
     img, stride_ib, stride_il = _as_bytes(is_image, is_image)
     pad, stride_pb, stride_pl = _as_bytes(key_padding, img)
     wmask, stride_mb, stride_mw = _as_bytes(window_mask, img)
@@ -417,18 +427,43 @@ def decomposed_scores_triton(
         return (triton.cdiv(w, meta["BLOCK_M"]), b * hq)
 
     def grid2(meta):
-        return (triton.cdiv(seq, meta["BLOCK_N"]), b * hkv)
+        return (triton.cdiv(scored, meta["BLOCK_N"]), b * hkv)
 
-    kernel1[grid1](
-        q_window, k, pad, wmask, shift,
-        seq, w, hq, group, d, qk_scale, math.log2(n) if n > 0 else 0.0, *buckets,
-        *q_window.stride(), *k.stride(), stride_pb, stride_pl, stride_mb, stride_mw,
-        HAS_WMASK=window_mask is not None, HAS_N=n > 0, **consts,
-    )  # fmt: skip
+    if lse is None:
+        shift = torch.empty(b, hq, w, dtype=torch.float32, device=k.device)
+        kernel1[grid1](
+            q_window, k, pad, wmask, shift,
+            seq, w, hq, group, d, qk_scale, math.log2(n) if n > 0 else 0.0, *buckets,
+            *q_window.stride(), *k.stride(), stride_pb, stride_pl, stride_mb, stride_mw,
+            HAS_WMASK=window_mask is not None, HAS_N=n > 0, **consts,
+        )  # fmt: skip
+    else:
+        shift = _shift_from_lse(lse, n, key_padding, window_mask, w)
     kernel2[grid2](
         q_window, k, img, pad, shift, out,
         seq, w, hkv, group, d, qk_scale, *buckets,
         *q_window.stride(), *k.stride(), stride_ib, stride_il, stride_pb, stride_pl,
         **consts,
     )  # fmt: skip
+    if scored < seq:
+        out[..., scored:] = 0.0  # unscored keys (and the tail of the last block) are 0
     return out
+
+
+def _shift_from_lse(
+    lse: Tensor, n: float, key_padding: Tensor | None, window_mask: Tensor | None, w: int
+) -> Tensor:
+    """Pass 1's output from a given log-sum-exp: ``shift = LSE - ln w`` in base 2, +inf for
+    the rows that do not count (padding, outside ``window_mask``, nothing visible)."""
+    lse2 = lse.float() * _LOG2E
+    counts = torch.isfinite(lse2)
+    if key_padding is not None:
+        counts = counts & ~key_padding[:, None, -w:]
+    if window_mask is not None:
+        counts = counts & window_mask[:, None, :]
+    shift = lse2
+    if n > 0:
+        # -log2 w = log2(1 + n / 2^lse) = softplus2(log2 n - lse), evaluated without overflow
+        x = math.log2(n) - lse2
+        shift = lse2 + x.clamp_min(0.0) + torch.log2(1.0 + torch.exp2(-x.abs()))
+    return torch.where(counts, shift, math.inf).contiguous()

@@ -157,6 +157,51 @@ def test_compaction_equals_masking(policy):
         torch.testing.assert_close(ours[step], out.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def _left_padded(*prompts: dict) -> dict:
+    """One batch of the prompts, left-padded to the longest."""
+    longest = max(p["input_ids"].shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        ids[row, longest - n :], mask[row, longest - n :] = p["input_ids"][0], 1
+    pixels = torch.cat([p["pixel_values"] for p in prompts])
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+
+
+LSE_PROMPTS = {
+    "one": prompt([30, 25, 40, 10], seed=2),
+    "padded": _left_padded(prompt([30, 25, 40, 10], seed=2), prompt([12, 20], seed=4)),
+}
+
+
+@pytest.mark.parametrize("inputs", list(LSE_PROMPTS.values()), ids=list(LSE_PROMPTS))
+def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
+    """The model keeps the same tokens and gives the same logits whether its scorer reuses
+    FlexAttention's log-sum-exp (the default in plain causal layers) or computes its own."""
+    model = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
+    given = csp_inductor.ops._window_scores
+    used = []
+
+    def spy(*args):
+        scores = given(*args)
+        used.append(scores is not None)
+        return scores
+
+    runs = []
+    for reuse in (True, False):
+        monkeypatch.setattr(csp_inductor.ops, "_window_scores", spy if reuse else lambda *a: None)
+        cache = model.csp_backend.new_cache(decode_capacity=1)
+        with torch.no_grad():
+            logits = model(**inputs, past_key_values=cache).logits
+        runs.append((logits, [layer.positions.clone() for layer in cache.layers]))
+    assert used == [True] * 3  # every layer scored from the attention's log-sum-exp
+    (reused_logits, reused_pos), (logits, positions) = runs
+    torch.testing.assert_close(reused_logits, logits, rtol=0, atol=0)
+    for ours, theirs in zip(reused_pos, positions, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def _attention_modules(model):
     return [layer.self_attn for layer in model.model.language_model.layers]
 

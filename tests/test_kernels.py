@@ -118,6 +118,43 @@ def test_decomposed_scores_kernel_matches_reference(case):
     assert out.isfinite().all()
 
 
+def _prefill_lse(q, k, scale, key_padding):
+    """The log-sum-exp of causal prefill rows as FlexAttention returns it: padding keys hidden
+    from real queries, padding queries see them (their rows stay finite)."""
+    group = q.shape[1] // k.shape[1]
+    logits = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    seq = k.shape[2]
+    q_pos = torch.arange(seq - q.shape[2], seq, device=q.device)
+    allowed = (torch.arange(seq, device=q.device)[None, :] <= q_pos[:, None])[None]
+    if key_padding is not None:
+        rows = key_padding[:, seq - q.shape[2] :]
+        allowed = allowed & (~key_padding[:, None, :] | rows[:, :, None])
+    return logits.masked_fill(~allowed[:, None], -math.inf).logsumexp(-1).float()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [SCORE_CASES["L97-W31-d80-fp32-text-pad-wmask"], SCORE_CASES["L67-W13-gqa4-bf16-wmask"]],
+    ids=["pad-wmask-n3", "gqa4-bf16"],
+)
+def test_decomposed_scores_kernel_from_the_attentions_lse(case):
+    """Given FlexAttention's log-sum-exp, pass 1 is skipped; with ``columns`` only the keys
+    before it are scored (the rest is 0)."""
+    batch, hq, hkv, seq, window, d, dtype, n, pads, layout, wmask = case[:-1]
+    q_window, k, is_image, key_padding, window_mask = _case(
+        batch, hq, hkv, seq, window, d, dtype, pads, layout, wmask
+    )
+    scale, columns = d**-0.5, seq - window - 3
+    lse = _prefill_lse(q_window, k, scale, key_padding)
+    out = decomposed_scores_triton(
+        q_window, k, is_image, n, scale, key_padding, window_mask, lse=lse, columns=columns
+    )
+    full = decomposed_scores_triton(q_window, k, is_image, n, scale, key_padding, window_mask)
+    atol, rtol = SCORE_TOL[dtype]
+    torch.testing.assert_close(out[..., :columns], full[..., :columns], atol=atol, rtol=rtol)
+    assert not out[..., columns:].any()
+
+
 def test_decomposed_scores_kernel_takes_strided_views():
     # k stored (batch, seq, kv_heads, head_dim) as models keep it; q_window a slice of all q
     gen = torch.Generator().manual_seed(3)

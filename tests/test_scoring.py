@@ -63,6 +63,30 @@ def test_chunking_does_not_change_the_result():
     torch.testing.assert_close(whole, chunked)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+def test_scores_from_the_attentions_log_sum_exp(group):
+    """The prefill hands the scorer its causal kernel's log-sum-exp and scores only the keys
+    before the recent window: same scores there, zeros after."""
+    p = random_prompt(1, 4 * group, 4, 90, 16, layout="mixed", seed=group)
+    window, columns = 23, 70
+    mask = torch.arange(window) >= 5  # a shorter own window, as a padded batch row has
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        p.q, p.k.repeat_interleave(group, 1), p.k.repeat_interleave(group, 1), 0.0, True,
+        scale=0.25,
+    )  # fmt: skip
+    args = (p.q[:, :, -window:], p.k, p.is_image, 1.0, 0.25, None, mask[None])
+    ours = csp_inductor.scoring.decomposed_scores_torch(
+        *args, lse=lse[:, :, -window:], columns=columns, chunk_elements=90 * 16 * 3
+    )
+    ref = reference.decomposed_scores(
+        p.q[:, :, -window:].double(), p.k.double(), p.is_image, n=1.0, scale=0.25,
+        window_mask=mask[None],
+    )  # fmt: skip
+    scored = ours[..., :columns].double()
+    torch.testing.assert_close(scored, ref[..., :columns], rtol=1e-5, atol=1e-7)
+    assert not ours[..., columns:].any()
+
+
 def test_self_plus_cross_is_the_total_column_sum():
     p = random_prompt(1, 4, 4, 50, 8, layout="blocks")
     s = csp_inductor.decomposed_scores(p.q[:, :, -10:], p.k, p.is_image, n=0.0)

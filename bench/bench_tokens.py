@@ -1,0 +1,162 @@
+"""Decode speed per token inside ``generate``, providers interleaved in one process, against the
+machine's memory-bandwidth bound.
+
+The model is :func:`csp_inductor.profiling.long_context_llava` (random weights, fp32) with an
+image-heavy prompt of ``CSP_BENCH_TOKENS_CONTEXT`` tokens (default 8192). Providers:
+
+- ``full``: unmodified transformers (sdpa) decoding from its full cache;
+- ``kept``: unmodified transformers decoding from a cache holding as many tokens as CSP keeps
+  (the prompt cut to that length). It is the decode step of any method that keeps the same
+  count in transformers' own cache and attention, as hook libraries do (kvpress);
+- ``csp_eager``: ``csp_inductor.compile(model, CSP(budget), compile=False)``;
+- ``csp``: ``csp_inductor.compile(model, CSP(budget))`` (compiled, the default).
+
+Each round runs one ``generate`` of ``CSP_BENCH_TOKENS_NEW`` tokens per provider, in turn; a
+logits processor stamps every token and a round's figure is the median gap between
+consecutive tokens. Reported per provider: the median over rounds (ms/token), the median of the
+per-round ratios to ``kept`` and, for ``csp``, to ``csp_eager``; and the bytes bound: the bytes
+a step must read (the decoder's and the LM head's weights, one embedding row, the KV the step
+attends over: the static buffers' capacity for CSP) divided by the read bandwidth this process
+measures (a sum over a 512 MiB tensor, best of 5).
+
+Sizes: ``CSP_BENCH_TOKENS_MODELS`` ("hidden,layers,heads,kv_heads" list, default
+``512,4,8,8;1024,4,16,4``: an MHA and a GQA shape), ``CSP_BENCH_TOKENS_THREADS`` (default
+``0,1``; 0 = torch's default thread count), ``CSP_BENCH_TOKENS_ROUNDS`` (3),
+``CSP_BENCH_BUDGET`` (0.2).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import env_int, env_ints, record
+from transformers import LogitsProcessorList
+
+import csp_inductor
+from csp_inductor.profiling import image_heavy_prompt, long_context_llava
+
+CONTEXT = env_int("CSP_BENCH_TOKENS_CONTEXT", 8192)
+NEW = env_int("CSP_BENCH_TOKENS_NEW", 32)
+ROUNDS = env_int("CSP_BENCH_TOKENS_ROUNDS", 3)
+BUDGET = float(os.environ.get("CSP_BENCH_BUDGET", "0.2"))
+THREADS = env_ints("CSP_BENCH_TOKENS_THREADS", "0,1")
+MODELS = [
+    tuple(int(x) for x in shape.split(","))
+    for shape in os.environ.get("CSP_BENCH_TOKENS_MODELS", "512,4,8,8;1024,4,16,4").split(";")
+]
+
+
+class _Clock:
+    """A logits processor that timestamps every generation step."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this process reads: a sum over a ``mib`` MiB fp32 tensor, best of
+    ``repeats`` (the first touch excluded)."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _weight_bytes(model) -> int:
+    """What a decode step reads of the weights: the text decoder and the LM head, one row of
+    the embedding table (the vision tower is not run)."""
+    text = model.model.language_model
+    embed = text.get_input_embeddings().weight
+    decoder = sum(p.nbytes for n, p in text.named_parameters() if not n.startswith("embed"))
+    return decoder + model.lm_head.weight.nbytes + embed[0].nbytes
+
+
+def _kv_bytes_per_token(model) -> int:
+    cfg = model.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+
+
+def _decode_ms(model, inputs) -> float:
+    clock = _Clock()
+    model.generate(
+        **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
+    )  # fmt: skip
+    gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    return 1e3 * statistics.median(gaps)
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t or 'default'}")
+@pytest.mark.parametrize("shape", MODELS, ids=lambda s: "h{}-l{}-q{}-kv{}".format(*s))
+def test_decode_per_token(benchmark, shape, threads):
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        _run(benchmark, shape)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run(benchmark, shape):
+    policy = csp_inductor.CSP(budget=BUDGET)
+    full = long_context_llava(*shape)
+    models = {"full": full, "kept": full}  # one model, two prompts
+    for name, compiled in (("csp_eager", False), ("csp", True)):
+        models[name] = csp_inductor.compile(long_context_llava(*shape), policy, compile=compiled)
+    prompt = image_heavy_prompt(full, CONTEXT)
+    kept = policy.budget_for(prompt["input_ids"].shape[1]).kept
+    inputs = {name: prompt for name in models}
+    inputs["kept"] = image_heavy_prompt(full, kept)
+    warm = image_heavy_prompt(full, 1024, seed=1)
+    for model in models.values():  # compilation and first-touch costs out of the rounds
+        _decode_ms(model, warm)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(ROUNDS):
+        for name, model in models.items():
+            times[name].append(_decode_ms(model, inputs[name]))
+    bandwidth = read_bandwidth()
+    weights, per_token = _weight_bytes(full), _kv_bytes_per_token(full)
+    capacity = models["csp"].csp_backend.cache.layers[0].keys.shape[2]
+    lengths = {name: int(x["input_ids"].shape[1]) for name, x in inputs.items()}
+    kv_tokens = {"full": lengths["full"], "kept": lengths["kept"], "csp_eager": capacity,
+                 "csp": capacity}  # fmt: skip
+    result = {}
+    for name, ts in times.items():
+        read = weights + kv_tokens[name] * per_token
+        ms = statistics.median(ts)
+        result[name] = {
+            "ms_per_token": ms,
+            "rounds_ms": ts,
+            "bytes_per_step": read,
+            "bound_ms": 1e3 * read / bandwidth,
+            "vs_bound": ms / (1e3 * read / bandwidth),
+            "speedup_vs_kept": statistics.median(
+                k / t for k, t in zip(times["kept"], ts, strict=True)
+            ),
+        }  # fmt: skip
+    result["csp"]["speedup_vs_eager"] = statistics.median(
+        e / c for e, c in zip(times["csp_eager"], times["csp"], strict=True)
+    )
+    record(
+        benchmark, provider="csp", providers=result, read_bandwidth=bandwidth,
+        threads=torch.get_num_threads(), budget=BUDGET, kept=kept, capacity=capacity,
+        shapes={"model": dict(zip(("hidden", "layers", "heads", "kv_heads"), shape, strict=True)),
+                "context": lengths["full"], "new_tokens": NEW, "dtype": "float32"},
+    )  # fmt: skip
+    # pytest-benchmark's own figure: one whole CSP generate
+    benchmark.pedantic(_decode_ms, args=(models["csp"], inputs["csp"]), rounds=1, iterations=1)
