@@ -21,7 +21,7 @@ measures (a sum over a 512 MiB tensor, best of 5).
 
 Sizes: ``CSP_BENCH_TOKENS_MODELS`` ("hidden,layers,heads,kv_heads" list, default
 ``512,4,8,8;1024,4,16,4``: an MHA and a GQA shape), ``CSP_BENCH_TOKENS_THREADS`` (default
-``0,1``; 0 = torch's default thread count), ``CSP_BENCH_TOKENS_ROUNDS`` (3),
+``0,1``; 0 = one thread per CPU core of the machine), ``CSP_BENCH_TOKENS_ROUNDS`` (3),
 ``CSP_BENCH_BUDGET`` (0.2).
 """
 
@@ -104,12 +104,12 @@ def _decode_ms(model, inputs) -> float:
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t or 'default'}")
 @pytest.mark.parametrize("shape", MODELS, ids=lambda s: "h{}-l{}-q{}-kv{}".format(*s))
 def test_decode_per_token(benchmark, shape, threads):
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count())
     try:
         _run(benchmark, shape)
     finally:
-        torch.set_num_threads(default_threads)
+        torch.set_num_threads(previous)
 
 
 def _run(benchmark, shape):

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer
 
+from . import ops  # noqa: F401  (registers csp_inductor::write_decode_)
 from .attention import NULL_POSITION
 
 
@@ -202,12 +203,10 @@ class PrunedCache(Cache):
     # --- inside the compiled graph -----------------------------------------------------------
     def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):
         """Write ``t`` new tokens at slots ``lengths[b] + [0, t)``; return the whole buffers."""
-        b, h, t, _ = key_states.shape
-        slots = self.lengths[:, None] + torch.arange(t, device=key_states.device)  # (b, t)
-        for buffer, new in ((layer.keys, key_states), (layer.values, value_states)):
-            buffer.scatter_(2, slots[:, None, :, None].expand(new.shape), new)
-        pos = (self.seen + torch.arange(t, device=key_states.device)).expand(b, h, t)
-        layer.positions.scatter_(2, slots[:, None, :].expand(b, h, t), pos)
+        torch.ops.csp_inductor.write_decode_(
+            layer.keys, layer.values, layer.positions, key_states, value_states, self.lengths,
+            self.seen,
+        )  # fmt: skip
         return layer.keys, layer.values
 
     # --- reports -------------------------------------------------------------------------------

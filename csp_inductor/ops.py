@@ -185,3 +185,36 @@ def _compact(
 @compact_op.register_fake
 def _(query, key, value, is_image, key_padding, keys_out, values_out, positions_out, lengths, *_):
     return None
+
+
+# --- decode writes ---------------------------------------------------------------------------
+@torch.library.custom_op(
+    "csp_inductor::write_decode_", mutates_args=("keys_out", "values_out", "positions_out")
+)
+def write_decode_op(
+    keys_out: Tensor,
+    values_out: Tensor,
+    positions_out: Tensor,
+    key_states: Tensor,
+    value_states: Tensor,
+    lengths: Tensor,
+    seen: Tensor,
+) -> None:
+    """A decode step's ``t`` new tokens into one layer's buffers, in place: K/V (b, h, t, d)
+    at slots ``lengths[b] + [0, t)`` of keys_out/values_out (b, h, capacity, d), their
+    absolute positions ``seen + [0, t)`` into positions_out (b, h, capacity).
+
+    An op so that a compiled decode step writes in place: Inductor lowers a ``scatter_`` into
+    a graph input as a copy of the whole buffer and a copy back (torch 2.13), which at a few
+    thousand slots costs more than the step's attention."""
+    b, h, t, _ = key_states.shape
+    steps = torch.arange(t, device=key_states.device)
+    slots = (lengths[:, None] + steps).view(b, 1, t).expand(b, h, t)
+    for buffer, new in ((keys_out, key_states), (values_out, value_states)):
+        buffer.scatter_(2, slots[..., None].expand(new.shape), new)
+    positions_out.scatter_(2, slots, (seen + steps).expand(b, h, t))
+
+
+@write_decode_op.register_fake
+def _(keys_out, values_out, positions_out, key_states, value_states, lengths, seen):
+    return None

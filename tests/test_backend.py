@@ -275,6 +275,35 @@ def test_decode_softmax_n_option():
         csp_inductor.compile(model, decode_softmax_n=0.0)
 
 
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_decode_write_op(new_tokens):
+    """csp_inductor::write_decode_ (the in-place decode write compiled graphs call) writes each
+    row's new K/V at its own length and their absolute positions, and nothing else."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, cap, d, t = 2, 3, 12, 4, new_tokens
+    keys, values = (
+        torch.randn(b, h, cap, d, generator=gen),
+        torch.randn(b, h, cap, 5, generator=gen),
+    )
+    positions = torch.randint(0, 50, (b, h, cap), generator=gen)
+    new_k, new_v = torch.randn(b, h, t, d, generator=gen), torch.randn(b, h, t, 5, generator=gen)
+    lengths, seen = torch.tensor([2, 7]), torch.tensor(40)
+    args = (keys.clone(), values.clone(), positions.clone(), new_k, new_v, lengths, seen)
+    torch.ops.csp_inductor.write_decode_(*args)
+    for row, start in enumerate(lengths.tolist()):
+        slots = slice(start, start + t)
+        expected_k, expected_v, expected_p = (
+            keys[row].clone(),
+            values[row].clone(),
+            positions[row].clone(),
+        )
+        expected_k[:, slots], expected_v[:, slots] = new_k[row], new_v[row]
+        expected_p[:, slots] = torch.arange(40, 40 + t)
+        assert torch.equal(args[0][row], expected_k) and torch.equal(args[1][row], expected_v)
+        assert torch.equal(args[2][row], expected_p)
+    torch.library.opcheck(torch.ops.csp_inductor.write_decode_.default, args)
+
+
 def test_cache_grows_past_its_decode_capacity():
     inputs = prompt([30, 25, 10], seed=9)
     model = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
