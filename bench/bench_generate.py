@@ -62,17 +62,6 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _Clock:
-    """A logits processor that timestamps every generation step (the first = after prefill)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def worker(argv: list[str]) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--provider", choices=PROVIDERS, required=True)
@@ -82,6 +71,8 @@ def worker(argv: list[str]) -> dict:
     p.add_argument("--model", default="1024,8,16,4")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    from conftest import TokenClock  # before the thread count: importing it sets its default
+
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
     from transformers import LogitsProcessorList
@@ -102,7 +93,7 @@ def worker(argv: list[str]) -> dict:
     del warm
     _trim()
     rss_base, maxrss_base = _rss_bytes(), _maxrss()
-    clock = _Clock()
+    clock = TokenClock()
     with profiled() as prof:
         start = time.perf_counter()
         out = model.generate(

@@ -33,7 +33,7 @@ import time
 
 import pytest
 import torch
-from conftest import env_int, env_ints, record
+from conftest import TokenClock, env_int, env_ints, record
 from transformers import LogitsProcessorList
 
 import csp_inductor
@@ -48,17 +48,6 @@ MODELS = [
     tuple(int(x) for x in shape.split(","))
     for shape in os.environ.get("CSP_BENCH_TOKENS_MODELS", "512,4,8,8;1024,4,16,4").split(";")
 ]
-
-
-class _Clock:
-    """A logits processor that timestamps every generation step."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
@@ -92,7 +81,7 @@ def _kv_bytes_per_token(model) -> int:
 
 
 def _decode_ms(model, inputs) -> float:
-    clock = _Clock()
+    clock = TokenClock()
     model.generate(
         **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
         logits_processor=LogitsProcessorList([clock]),

@@ -92,6 +92,17 @@ def record(benchmark, **info) -> None:
     benchmark.extra_info.update(machine=machine(), versions=versions(), **info)
 
 
+class TokenClock:
+    """A logits processor that timestamps every generation step (the first = after prefill)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def interleaved(providers: dict[str, Callable[[], object]], rounds: int, warmup: int = 2):
     """Median seconds per provider, the providers alternated round by round (ABAB…), and the
     median of the per-round ratios to the first provider (robust to load drifting)."""

@@ -111,13 +111,26 @@ def compact_op(
     """
     chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
-    window_scores = None
-    if lse is not None:
-        window_scores = _window_scores(chosen, query, scored, is_image, key_padding, lse, scale)
-    _compact(
-        chosen, query, key, value, is_image, key_padding, keys_out, values_out, positions_out,
-        lengths, scale, score_key=scored, window_scores=window_scores,
-    )  # fmt: skip
+    with label("csp::selection"):  # scoring included
+        window_scores = None
+        if lse is not None:
+            window_scores = _window_scores(chosen, query, scored, is_image, key_padding, lse, scale)
+        idx = chosen.select(
+            query, scored, is_image, key_padding, scale=scale, window_scores=window_scores
+        )
+    width = idx.shape[-1]
+    counts = (idx >= 0).sum(dim=-1)
+    if not torch.equal(counts, lengths[:, None].expand_as(counts)):
+        raise RuntimeError(
+            f"the policy kept {counts[:, 0].tolist()} tokens per row but the cache was allocated "
+            f"for {lengths.tolist()}: Policy.budget_for disagrees with Policy.select"
+        )
+    with label("csp::compaction"):
+        valid = (idx >= 0)[..., None]
+        safe = idx.clamp_min(0)[..., None]
+        keys_out[:, :, :width] = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid
+        values_out[:, :, :width] = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid
+        positions_out[:, :, :width] = idx
 
 
 def _window_scores(
@@ -145,41 +158,6 @@ def _window_scores(
 
             return decomposed_scores_triton(*args)
         return decomposed_scores_torch(*args)
-
-
-def _compact(
-    policy: Policy,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    is_image: Tensor,
-    key_padding: Tensor | None,
-    keys_out: Tensor,
-    values_out: Tensor,
-    positions_out: Tensor,
-    lengths: Tensor,
-    scale: float,
-    *,
-    score_key: Tensor,
-    window_scores: Tensor | None = None,
-) -> None:
-    with label("csp::selection"):
-        idx = policy.select(
-            query, score_key, is_image, key_padding, scale=scale, window_scores=window_scores
-        )
-    width = idx.shape[-1]
-    counts = (idx >= 0).sum(dim=-1)
-    if not torch.equal(counts, lengths[:, None].expand_as(counts)):
-        raise RuntimeError(
-            f"the policy kept {counts[:, 0].tolist()} tokens per row but the cache was allocated "
-            f"for {lengths.tolist()}: Policy.budget_for disagrees with Policy.select"
-        )
-    with label("csp::compaction"):
-        valid = (idx >= 0)[..., None]
-        safe = idx.clamp_min(0)[..., None]
-        keys_out[:, :, :width] = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid
-        values_out[:, :, :width] = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid
-        positions_out[:, :, :width] = idx
 
 
 @compact_op.register_fake
