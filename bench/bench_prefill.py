@@ -25,7 +25,7 @@ import torch
 from conftest import env_int, env_ints, interleaved, record
 
 from csp_inductor import CSP
-from csp_inductor.ops import _window_scores
+from csp_inductor.ops import _scores_from_lse
 from csp_inductor.scoring import decomposed_scores
 from csp_inductor.testing import random_prompt
 
@@ -58,7 +58,7 @@ def test_prefill_scoring_overhead(benchmark, heads, context):
 
     def reuse():
         _, lse = attention()
-        return _window_scores(POLICY, p.q, p.k, p.is_image, None, lse, scale)
+        return _scores_from_lse(POLICY, p.q, p.k, p.is_image, None, lse, scale)
 
     providers = {"attention": attention, "csp": csp, "csp_lse": reuse}
     medians, ratios = interleaved(providers, ROUNDS, warmup=1)

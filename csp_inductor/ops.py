@@ -114,7 +114,9 @@ def compact_op(
     with label("csp::selection"):  # scoring included
         window_scores = None
         if lse is not None:
-            window_scores = _window_scores(chosen, query, scored, is_image, key_padding, lse, scale)
+            window_scores = _scores_from_lse(
+                chosen, query, scored, is_image, key_padding, lse, scale
+            )
         idx = chosen.select(
             query, scored, is_image, key_padding, scale=scale, window_scores=window_scores
         )
@@ -133,7 +135,7 @@ def compact_op(
         positions_out[:, :, :width] = idx
 
 
-def _window_scores(
+def _scores_from_lse(
     policy: Policy,
     query: Tensor,
     key: Tensor,

@@ -153,7 +153,7 @@ class Policy:
 
         ``window_scores`` (batch, kv_heads, 2, seq): the scores of the last
         :meth:`scoring_window` queries with :attr:`window_n`, when the caller computed them
-        already (the prefill does, with the attention of those rows)."""
+        already (the prefill does, from its attention kernel's log-sum-exp)."""
         prompt = self._prompt(q, k, is_image, key_padding, scale)
         if all(b.keep_all for b in prompt.budgets):
             return prompt.real()
@@ -310,7 +310,7 @@ class CSP(Policy):
         return self.n
 
     def _select(self, prompt: Prompt) -> Tensor:
-        s_self, s_cross = _window_scores(prompt, self.n).unbind(dim=2)
+        s_self, s_cross = _window_scores(prompt, self.window_n).unbind(dim=2)
         dev, seq, heads = prompt.k.device, prompt.seq, prompt.k.shape[1]
         quotas = self.quotas(prompt)
         k_self = selection.counts([q[0] for q in quotas], dev)
@@ -448,7 +448,7 @@ class SnapKV(ScoredPolicy):
         return 0.0
 
     def score(self, prompt: Prompt) -> Tensor:
-        sums = _window_scores(prompt, 0.0).sum(dim=2)
+        sums = _window_scores(prompt, self.window_n).sum(dim=2)
         # Zero the window columns first so that pooling near each sequence's own window edge
         # sees zero padding, as pooling over [0, seq - W) alone would.
         sums = sums.masked_fill(~prompt.pool(), 0.0)

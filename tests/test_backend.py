@@ -180,7 +180,7 @@ def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
     """The model keeps the same tokens and gives the same logits whether its scorer reuses
     FlexAttention's log-sum-exp (the default in plain causal layers) or computes its own."""
     model = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
-    given = csp_inductor.ops._window_scores
+    given = csp_inductor.ops._scores_from_lse
     used = []
 
     def spy(*args):
@@ -190,7 +190,7 @@ def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
 
     runs = []
     for reuse in (True, False):
-        monkeypatch.setattr(csp_inductor.ops, "_window_scores", spy if reuse else lambda *a: None)
+        monkeypatch.setattr(csp_inductor.ops, "_scores_from_lse", spy if reuse else lambda *a: None)
         cache = model.csp_backend.new_cache(decode_capacity=1)
         with torch.no_grad():
             logits = model(**inputs, past_key_values=cache).logits
