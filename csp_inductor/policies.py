@@ -131,8 +131,7 @@ class Policy:
         pruned, no right padding); else None."""
         if self.window_n is None or _right_padding(key_padding) is not None:
             return None
-        pads = [0] if key_padding is None else key_padding.sum(dim=1).tolist()
-        budgets = [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
+        _, budgets = self._budgets(seq, key_padding, batch=1)
         if all(b.keep_all for b in budgets):
             return None
         device = None if key_padding is None else key_padding.device
@@ -187,6 +186,13 @@ class Policy:
     def _select(self, prompt: Prompt) -> Tensor:
         raise NotImplementedError
 
+    def _budgets(
+        self, seq: int, key_padding: Tensor | None, batch: int
+    ) -> tuple[list[int], list[Budget]]:
+        """Each row's padding and budget (``batch`` rows of no padding without a mask)."""
+        pads = [0] * batch if key_padding is None else key_padding.sum(dim=1).tolist()
+        return pads, [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
+
     def _prompt(self, q, k, is_image, key_padding, scale) -> Prompt:
         if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
             raise ValueError(
@@ -200,10 +206,7 @@ class Policy:
                     f"{mask_name} must be a bool tensor of shape (batch, seq) = {(b, seq)}, got "
                     f"shape={tuple(mask.shape)} dtype={mask.dtype}"
                 )
-        pads = [0] * b
-        if key_padding is not None:
-            pads = key_padding.sum(dim=1).tolist()
-        budgets = [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
+        pads, budgets = self._budgets(seq, key_padding, b)
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         return Prompt(q, k, is_image, key_padding, scale, pads, budgets)
 

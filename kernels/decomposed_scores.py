@@ -17,6 +17,8 @@ not count get ``shift_i = +inf`` so they contribute exactly 0. Everything is com
 - Pass 1 (``_window_shift_kernel``), one program per (window row tile, batch · q_head): an
   online max/sum over the key blocks of the tile's causal rows gives ``LSE_i`` and stores
   ``shift_i`` in a (batch, q_heads, W) fp32 buffer.
+  Given the rows' log-sum-exp (FlexAttention returns it at prefill), pass 1 is skipped and
+  the shifts are computed from it elementwise.
 - Pass 2 (``_column_sums_kernel``), one program per (key block, batch · kv_head): holds its
   K block, loops over the window query tiles of every query head of the GQA group, recomputes
   the logits and accumulates ``exp(s - shift)`` into an image-query and a text-query fp32
