@@ -8,7 +8,8 @@ compiled graph reads them as inputs and is not rebuilt when they change in place
   (discarded) rows stay finite instead of NaN.
 - decode: slot ``s`` of row ``b`` is valid for new query ``i`` when ``s < lengths[b] + i + 1``
   (kept prompt tokens and earlier decode tokens of this step), ∧ the sliding window or the
-  chunk measured on the stored absolute positions.
+  chunk measured on the stored absolute positions. A conversation turn attends as a decode
+  step of many tokens, its padding slots hidden.
 
 Chunked attention (Llama 4) splits each row into chunks of ``chunk`` tokens counted from the
 row's first real token (``starts[b]``, its left padding), as transformers does; a token sees
@@ -117,6 +118,15 @@ def decode_sliding_mask(positions: Tensor, seen: Tensor, window: int, group: int
         return seen + q_idx - positions[b, h // group, kv_idx] < window
 
     return decode_sliding
+
+
+def visible_mask(hidden: Tensor):
+    """Slots not hidden: ``hidden`` (batch, cap) bool, True for a turn's padding slots."""
+
+    def visible(b, h, q_idx, kv_idx):
+        return ~hidden[b, kv_idx]
+
+    return visible
 
 
 def null_slot_mask(positions: Tensor):
@@ -260,10 +270,13 @@ def decode_attention(
     null_logit: float | None = None,
     chunk: int | None = None,
     starts: Tensor | None = None,
+    hidden: Tensor | None = None,
 ) -> Tensor:
     """New tokens over the static buffers. q (b, hq, t, d), keys/values (b, hkv, cap, d),
     lengths (b,), positions (b, hkv, cap), seen () -> (b, t, hq, d). A chunked layer's
-    ``chunk`` counts from ``starts`` (b,), the rows' left padding.
+    ``chunk`` counts from ``starts`` (b,), the rows' left padding. ``hidden`` (b, cap) bool:
+    slots no query sees (a conversation turn's padding; SDPA only, flex has it in its block
+    mask).
 
     ``null_logit`` (= ln n) turns the softmax into the n-softmax ``exp(s)/(n + Σ exp(s))``: the
     last slot of the buffers is then a null slot (K = V = 0, never written) that every query
@@ -279,6 +292,8 @@ def decode_attention(
     slots = torch.arange(cap, device=q.device)
     steps = torch.arange(t, device=q.device)
     allowed = slots[None, None, :] < (lengths[:, None, None] + steps[None, :, None] + 1)
+    if hidden is not None:
+        allowed = allowed & ~hidden[:, None, :]
     allowed = allowed[:, None]  # (b, 1, t, cap)
     q_pos = (seen + steps)[None, None, :, None]  # (1, 1, t, 1)
     k_pos = positions[:, :, None, :]  # (b, hkv, 1, cap)
@@ -312,11 +327,14 @@ def decode_block_mask(
     null_slot: bool = False,
     chunk: int | None = None,
     starts: Tensor | None = None,
+    hidden: Tensor | None = None,
 ) -> BlockMask:
     """The flex decode mask, built once per prompt (see :func:`dense_partial_block_mask`).
     Global layers share one; a sliding-window or chunked layer needs its own (its stored
-    positions)."""
+    positions). ``hidden`` (b, cap) bool: slots no query sees (a turn's padding)."""
     mod = decode_valid_mask(lengths)
+    if hidden is not None:
+        mod = and_masks(mod, visible_mask(hidden))
     heads = 1
     group = q_heads // positions.shape[1]
     if sliding_window is not None:

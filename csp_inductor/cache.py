@@ -18,8 +18,11 @@ Phases. ``phase == "prefill"`` while the prompt goes through the decoder: :meth:
 returns the prompt's own K/V (the prefill attention is not pruned), and the attention backend
 writes the kept tokens into the buffers with the ``csp_inductor::compact_`` op. Afterwards
 ``phase == "decode"``: :meth:`update` writes the new tokens at ``lengths`` in place and returns
-the buffers. ``lengths``/``seen`` advance in :meth:`advance`, outside the compiled graph, once
-per forward; being tensors updated in place, they never cause a recompilation.
+the buffers. ``phase == "turn"`` while a later turn of a conversation goes through the decoder:
+its tokens are written like decode tokens (its attention sees the kept prefix and the turn,
+causally), and the backend then compacts the turn's kept tokens in place after the prefix.
+``lengths``/``seen`` advance in :meth:`advance`, outside the compiled graph, once per forward;
+being tensors updated in place, they never cause a recompilation.
 """
 
 from __future__ import annotations
@@ -86,9 +89,12 @@ class PrunedLayer(CacheLayerMixin):
         raise RuntimeError("a PrunedCache is allocated by its backend before the prefill")
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        if self.cache.phase == "prefill":
-            if self.spec.latent:  # the attention sees them expanded; compaction needs them
-                self.prompt = (key_states, value_states)
+        phase = self.cache.phase
+        if phase == "turn" or (phase == "prefill" and self.spec.latent):
+            # compaction needs them: a turn's attention sees the buffers, an MLA layer's its
+            # expanded K/V
+            self.prompt = (key_states, value_states)
+        if phase == "prefill":
             return key_states, value_states
         return self.cache.write_decode(self, key_states, value_states)
 
@@ -96,10 +102,12 @@ class PrunedLayer(CacheLayerMixin):
         return self.cache.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # a prompt attends to itself (not to the buffers, which it fills)
-        if self.cache.phase != "decode":
+        # A prompt attends to itself (not to the buffers, which it fills). After it, the size
+        # is the buffers' and the offset the tokens seen: a model's mask function then reads
+        # the new tokens at their absolute positions (see integration._check_causal_turn).
+        if self.cache.phase in ("empty", "prefill"):
             return query_length, 0
-        return self.keys.shape[2], 0
+        return self.keys.shape[2], self.cache.seen
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
@@ -143,6 +151,10 @@ class PrunedCache(Cache):
         self.starts: Tensor | None = None  # (batch,) left padding per row (chunked attention)
         self.seen = torch.zeros((), dtype=torch.long)  # logical (unpruned) tokens processed
         self.kept_prompt: list[int] = []  # kept prompt tokens per row, for reports
+        self.rows: list[int] = []  # host mirror of lengths: no device sync per step
+        self.padding: list[int] = []  # padding tokens each row has had (none of them stored)
+        self.turn: Tensor | None = None  # (batch,) the running turn's kept tokens per row
+        self.turns: list[tuple[list[int], list[int]]] = []  # (tokens, kept) per row, per turn
 
     # --- lifecycle, driven by the backend outside the compiled graph -----------------------
     def start_prefill(
@@ -151,9 +163,11 @@ class PrunedCache(Cache):
         dtype: torch.dtype,
         device: torch.device,
         starts: Tensor | None = None,
+        padding: list[int] | None = None,
     ) -> None:
         """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room;
-        ``starts`` (batch,) the rows' left padding (None: none)."""
+        ``starts`` (batch,) the rows' left padding (None: none), ``padding`` the rows'
+        padding tokens (None: none)."""
         if self.phase != "empty":
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
@@ -165,16 +179,38 @@ class PrunedCache(Cache):
         self._mark_null_slot()
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
         self.starts = torch.zeros_like(self.lengths) if starts is None else starts.to(device)
-        self.longest = max(kept)  # host mirror of lengths.max(): no device sync per step
+        self.rows = list(kept)
         self.seen = self.seen.to(device)
         self.kept_prompt = list(kept)
+        self.padding = [0] * len(kept) if padding is None else list(padding)
         self.phase = "prefill"
 
-    def advance(self, new_tokens: int, prompt: bool) -> None:
+    def start_turn(self, tokens: int, kept: list[int], padding: list[int], room: int = 0) -> None:
+        """Before a turn of ``tokens`` new tokens (``padding[b]`` of them padding in row ``b``)
+        of which row ``b`` keeps ``kept[b]``: make room for the whole turn and ``room`` more."""
+        if self.phase != "decode":
+            raise RuntimeError(f"a turn continues a cache after a prompt; this one is {self.phase}")
+        if self.room() < tokens + room:
+            self.grow(tokens + room - self.room())
+        self.turn = torch.tensor(kept, dtype=torch.long, device=self.lengths.device)
+        self.turns.append(([tokens - p for p in padding], list(kept)))
+        self.padding = [a + b for a, b in zip(self.padding, padding, strict=True)]
+        self.phase = "turn"
+
+    @property
+    def longest(self) -> int:
+        """The longest row's stored tokens."""
+        return max(self.rows)
+
+    def advance(self, new_tokens: int) -> None:
         """After a forward of ``new_tokens`` tokens: move the lengths and the logical length."""
-        if not prompt:
+        if self.phase == "turn":
+            self.lengths.add_(self.turn)
+            self.rows = [n + k for n, k in zip(self.rows, self.turn.tolist(), strict=True)]
+            self.turn = None
+        elif self.phase == "decode":
             self.lengths.add_(new_tokens)
-            self.longest += new_tokens
+            self.rows = [n + new_tokens for n in self.rows]
         self.seen.add_(new_tokens)
         self.phase = "decode"
 

@@ -102,8 +102,13 @@ class Backend:
         self.is_image: torch.Tensor | None = None
         self.key_padding: torch.Tensor | None = None
         self.starts: torch.Tensor | None = None
-        # flex decode masks by (new tokens per step, layer or None for the global layers)
-        self.block_masks: dict[tuple[int, int | None], object] = {}
+        self.hidden: torch.Tensor | None = None  # (batch, capacity): a turn's padding slots
+        # flex decode masks by (new tokens per step or "turn", layer or None for global layers)
+        self.block_masks: dict[tuple[int | str, int | None], object] = {}
+        # forwards of the running generate call so far (None: not generating); the first one
+        # on a cache holding a conversation is a new turn, later ones decode steps
+        self.generate_forwards: int | None = None
+        self.reserve = 0  # decode room a turn makes beside its own tokens
         # the 2D attention mask generate had for its next forward (None = no padding)
         self.from_generate, self.prompt_mask = False, None
         self._undo: list = []
@@ -204,11 +209,15 @@ class Backend:
             _rename_legacy_cache_arg(kwargs, self.cache_arg)
             config = kwargs.get("generation_config") or self.model.generation_config
             use_cache = kwargs.get("use_cache", config.use_cache)
+            new = kwargs.get("max_new_tokens") or config.max_new_tokens or self.decode_capacity
             if use_cache is not False and kwargs.get(self.cache_arg) is None:
-                new = kwargs.get("max_new_tokens") or config.max_new_tokens
-                kwargs[self.cache_arg] = self.new_cache(new or self.decode_capacity)
-            with _no_cache_implementation(self.model, kwargs):
-                return generate(*args, **kwargs)
+                kwargs[self.cache_arg] = self.new_cache(new)
+            self.generate_forwards, self.reserve = 0, new
+            try:
+                with _no_cache_implementation(self.model, kwargs):
+                    return generate(*args, **kwargs)
+            finally:
+                self.generate_forwards, self.reserve = None, 0
 
         return wrapped
 
@@ -246,36 +255,90 @@ class Backend:
         from_generate, prompt_mask = self.from_generate, self.prompt_mask
         # generate's 2D mask serves this forward only, whether it succeeds or raises
         self.from_generate, self.prompt_mask = False, None
+        first = self.generate_forwards in (None, 0)  # a plain forward or generate's first
+        if self.generate_forwards is not None:
+            self.generate_forwards += 1
+        token_types = kwargs.get("mm_token_type_ids")
         if cache is None or cache.phase == "empty":
-            if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-                if mask is not None and not from_generate:
-                    raise ValueError(
-                        "csp_inductor reads the prompt's padding from a 2D attention_mask "
-                        f"(batch, seq); got {type(mask).__name__}"
-                        f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
-                    )
-                mask = prompt_mask
-            self._prepare_prompt(ids, kwargs.get("mm_token_type_ids"), mask, batch, q_len, cache)
+            mask = _padding_mask(mask, prompt_mask, from_generate)
+            self._prepare_prompt(ids, token_types, mask, batch, q_len, cache)
+        elif first and q_len > 1:
+            mask = _padding_mask(mask, prompt_mask, from_generate)
+            self._prepare_turn(ids, token_types, mask, batch, q_len, cache)
         elif cache.room() < q_len:
             cache.grow(max(q_len, self.decode_capacity))
             self.block_masks.clear()
         self.active = cache
         if cache is not None:
             self.cache = cache
-        if cache is not None and cache.phase == "decode" and self.kernel == "flex":
+        if cache is not None and cache.phase in ("decode", "turn") and self.kernel == "flex":
             self._build_block_masks(cache, q_len)
         return (), kwargs
 
+    def _modality(self, ids, token_types, batch: int, q_len: int) -> torch.Tensor:
+        """(batch, q_len) bool: the visual tokens among the forward's ``q_len`` tokens."""
+        if ids is not None:
+            ids = ids[:, -q_len:]
+        if token_types is not None:
+            token_types = token_types[:, -q_len:]
+        is_image = modality(self.family, ids, token_types)
+        if is_image is not None:
+            return is_image
+        if self.family.multimodal:
+            raise ValueError(
+                "csp_inductor needs input_ids (or mm_token_type_ids) at prefill to know which "
+                "prompt tokens are visual; got inputs_embeds only"
+            )
+        device = next(self.decoder.parameters()).device
+        return torch.zeros(batch, q_len, dtype=torch.bool, device=device)
+
+    def _prepare_turn(self, ids, token_types, mask, batch, q_len, cache) -> None:
+        """A new turn of a conversation on a cache that holds the earlier ones: its tokens see
+        the kept prefix, and the policy prunes them as a prompt of their own length."""
+        padding = None
+        if mask is not None:
+            seen = int(cache.seen)
+            if mask.shape[1] not in (q_len, seen + q_len):
+                raise ValueError(
+                    f"attention_mask must cover the turn's {q_len} new tokens, or the whole "
+                    f"conversation ({seen} earlier + {q_len} new = {seen + q_len}); got "
+                    f"attention_mask.shape={tuple(mask.shape)}"
+                )
+            if mask.shape[1] > q_len:
+                earlier = (mask[:, :-q_len] == 0).sum(dim=1).tolist()
+                if earlier != cache.padding:
+                    raise ValueError(
+                        "attention_mask must mask, before the new turn, exactly the padding of "
+                        f"the earlier turns ({cache.padding} tokens per row); got {earlier}: "
+                        "tokens already in the cache cannot be masked afterwards"
+                    )
+            padding = ~mask[:, -q_len:].bool()
+        pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
+        if batch == 1 and not pads[0]:
+            padding = None
+        elif padding is None:
+            padding = torch.zeros(batch, q_len, dtype=torch.bool, device=cache.lengths.device)
+        kept = [self.policy.budget_for(q_len - p).kept for p in pads]
+        if self.family.kv_source and (any(pads) or kept != [q_len] * batch):
+            raise ValueError(
+                "csp_inductor continues conversations on models whose layers share K/V "
+                f"({type(self.model).__name__}) only for turns it keeps whole and unpadded; this "
+                f"turn of {q_len} tokens has padding {pads} and keeps {kept}"
+            )
+        self.is_image = self._modality(ids, token_types, batch, q_len)
+        self.key_padding = padding
+        cache.start_turn(q_len, kept, pads, room=self.reserve)
+        self.hidden = None
+        if padding is not None:
+            slots = cache.lengths[:, None] + torch.arange(q_len, device=padding.device)
+            capacity = cache.pruned[0].keys.shape[2]
+            self.hidden = torch.zeros(batch, capacity, dtype=torch.bool, device=padding.device)
+            self.hidden.scatter_(1, slots, padding)
+        self.block_masks.clear()
+
     def _prepare_prompt(self, ids, token_types, mask, batch, q_len, cache) -> None:
         param = next(self.decoder.parameters())
-        is_image = modality(self.family, ids, token_types)
-        if is_image is None:
-            if self.family.multimodal:
-                raise ValueError(
-                    "csp_inductor needs input_ids (or mm_token_type_ids) at prefill to know "
-                    "which prompt tokens are visual; got inputs_embeds only"
-                )
-            is_image = torch.zeros(batch, q_len, dtype=torch.bool, device=param.device)
+        is_image = self._modality(ids, token_types, batch, q_len)
         # A padding tensor whenever the batch has more than one row, padded or not: one graph
         # serves both. A lone row without padding takes the unmasked (faster) prefill.
         padding = None if mask is None else ~mask[:, -q_len:].bool()
@@ -291,28 +354,45 @@ class Backend:
             return
         pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        cache.start_prefill(kept, param.dtype, param.device, self.starts)
+        cache.start_prefill(kept, param.dtype, param.device, self.starts, pads)
 
     def _build_block_masks(self, cache: PrunedCache, q_len: int) -> None:
-        """The flex decode masks of a step of ``q_len`` new tokens (one token per step, or
-        several, as assisted decoding verifies them), built once per prompt and step size."""
+        """The flex masks of a decode step of ``q_len`` new tokens (one token per step, or
+        several, as assisted decoding verifies them), built once per prompt and step size, or
+        of a turn (its padding hidden)."""
         q_heads = self.decoder.config.num_attention_heads
+        turn = cache.phase == "turn"
         for layer in cache.pruned:
             window, chunk = layer.spec.sliding_window, self.family.chunks[layer.index]
-            key = (q_len, layer.index if window or chunk else None)
+            key = ("turn" if turn else q_len, layer.index if window or chunk else None)
             if key not in self.block_masks:
                 self.block_masks[key] = decode_block_mask(
                     cache.lengths, layer.positions, cache.seen, window, q_heads, q_len,
                     null_slot=cache.null_slot, chunk=chunk, starts=cache.starts,
+                    hidden=self.hidden if turn else None,
                 )  # fmt: skip
 
     def _after_forward(self, module, args, kwargs, output):
         cache, self.active = self.active, None
         if cache is not None:
             ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-            q_len = (ids if ids is not None else embeds).shape[1]
-            cache.advance(q_len, prompt=cache.phase == "prefill")
+            if cache.phase == "turn":  # its masks are its own
+                self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
+            cache.advance((ids if ids is not None else embeds).shape[1])
         return output
+
+
+def _padding_mask(mask, prompt_mask, from_generate: bool) -> torch.Tensor | None:
+    """The 2D attention mask a prompt or turn is padded by: the forward's, or the one generate
+    had before it made a 4D one."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask
+    if mask is not None and not from_generate:
+        raise ValueError(
+            "csp_inductor reads the prompt's padding from a 2D attention_mask (batch, seq); got "
+            f"{type(mask).__name__}{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
+        )
+    return prompt_mask
 
 
 # What torch.compile raises when it cannot compile (as opposed to errors of the model's code,

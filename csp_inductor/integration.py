@@ -294,8 +294,12 @@ def model_mask(
     model's mask as a dense (batch, 1, L, L) bool tensor, padding left to the backend. At decode
     (keys are the pruned cache, not the prompt) it returns None: decode masks are the backend's.
     Decode is told by the sizes the cache reports: the prompt's own length at prefill, the
-    buffers' capacity (always more than the new tokens) after it.
+    buffers' capacity (always more than the new tokens) after it. A conversation turn attends
+    causally to the kept prefix and to itself; a model asking for more inside a turn (images
+    attending bidirectionally) is refused (:func:`_check_causal_turn`).
     """
+    if kv_length != q_length and q_length > 1 and not allow_is_causal_skip:
+        _check_causal_turn(batch_size, q_length, q_offset, mask_function, device)
     if kv_length != q_length or allow_is_causal_skip:
         return None
     return sdpa_mask(
@@ -303,6 +307,28 @@ def model_mask(
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
         allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False), device=device,
     )  # fmt: skip
+
+
+def _check_causal_turn(batch: int, q_length: int, q_offset, mask_function, device) -> None:
+    """Raise when the model's mask over a turn's own tokens is not causal (a turn with images
+    on a model whose images attend bidirectionally), which the turn attention does not apply.
+    Checked where the mask is made eagerly (Gemma 3 makes its image overlay outside the
+    compiled decoder); a mask made inside a compiled graph is not checked."""
+    if torch.compiler.is_compiling():
+        return
+    block = sdpa_mask(
+        batch_size=batch, q_length=q_length, kv_length=q_length, q_offset=q_offset,
+        kv_offset=q_offset, mask_function=mask_function, attention_mask=None,
+        allow_is_causal_skip=False, use_vmap=True, device=device,
+    )  # fmt: skip
+    causal = torch.ones(q_length, q_length, dtype=torch.bool, device=device).tril()
+    if block is not None and not torch.equal(block[:, 0], causal.expand_as(block[:, 0])):
+        raise ValueError(
+            "csp_inductor continues a conversation with causal attention over the new turn, but "
+            "this model asks for a non-causal mask inside the turn (e.g. bidirectional attention "
+            "among a new image's tokens); send new images in the first prompt of a conversation "
+            "(a new cache), or continue with text only"
+        )
 
 
 def csp_attention(
@@ -370,11 +396,27 @@ def csp_attention(
             )  # fmt: skip
         return out, None
     layer = cache.layers[source]
-    block_mask = backend.block_masks.get((query.shape[2], source if window or chunk else None))
+    turn = cache.phase == "turn"
+    block_mask = None
+    if backend.kernel == "flex":  # a turn's mask is the turn's, whatever its length
+        step = "turn" if turn else query.shape[2]
+        block_mask = backend.block_masks[(step, source if window or chunk else None)]
     with label("csp::decode_attention"):
         out = decode_attention(
             query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
             scale=scale, sliding_window=window, kernel=backend.kernel,
             block_mask=block_mask, null_logit=backend.null_logit, chunk=chunk, starts=cache.starts,
+            hidden=backend.hidden if turn else None,
+        )  # fmt: skip
+    if turn and index not in backend.family.kv_source:
+        # the turn's kept tokens replace it in the buffers, after the kept prefix
+        (key, value), layer.prompt = layer.prompt, None
+        score_key = None
+        if layer.spec.latent:
+            query, score_key = absorb(module, query, key, value)
+        torch.ops.csp_inductor.compact_(
+            query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
+            layer.positions, cache.turn, backend.policy_index, scale, score_key, None,
+            cache.lengths, cache.seen,
         )  # fmt: skip
     return out, None

@@ -8,8 +8,8 @@ neither Triton nor CUDA: the CUDA implementations import the kernels when first 
   -> (batch, kv_heads, 2, seq) fp32
 - ``csp_inductor::n_softmax(x, n, dim)`` -> like ``x``
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
-  positions_out!, lengths, policy, scale, score_key?, lse?)``: prefill selection + compaction
-  into the cache buffers
+  positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?)``: prefill (or a
+  conversation turn's) selection + compaction into the cache buffers
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ def compact_op(
     scale: float,
     score_key: Tensor | None = None,
     lse: Tensor | None = None,
+    start: Tensor | None = None,
+    offset: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
@@ -107,7 +109,9 @@ def compact_op(
     (b, hkv, L, d'): the keys the policy scores ``query`` against when they are not the stored
     ones (an MLA layer stores its latent and scores with it joined to its rotary key). ``lse``
     (b, hq, L) fp32: the log-sum-exp of the prompt's causal attention rows, when the attention
-    kernel returned it; a window scorer then does not recompute it.
+    kernel returned it; a window scorer then does not recompute it. A conversation turn is
+    written after the kept prefix: from slot ``start[b]`` (b,) on, at absolute positions
+    ``offset + idx`` (``offset`` () long, the tokens before the turn).
     """
     chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
@@ -128,11 +132,19 @@ def compact_op(
             f"for {lengths.tolist()}: Policy.budget_for disagrees with Policy.select"
         )
     with label("csp::compaction"):
-        valid = (idx >= 0)[..., None]
+        valid = idx >= 0
         safe = idx.clamp_min(0)[..., None]
-        keys_out[:, :, :width] = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid
-        values_out[:, :, :width] = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid
-        positions_out[:, :, :width] = idx
+        kept_keys = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid[..., None]
+        kept_values = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid[..., None]
+        if start is None:
+            keys_out[:, :, :width] = kept_keys
+            values_out[:, :, :width] = kept_values
+            positions_out[:, :, :width] = idx
+            return
+        slots = (start[:, None, None] + torch.arange(width, device=idx.device)).expand_as(idx)
+        keys_out.scatter_(2, slots[..., None].expand_as(kept_keys), kept_keys)
+        values_out.scatter_(2, slots[..., None].expand_as(kept_values), kept_values)
+        positions_out.scatter_(2, slots, torch.where(valid, idx + offset, -1))
 
 
 def _scores_from_lse(

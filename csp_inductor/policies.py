@@ -129,7 +129,7 @@ class Policy:
         """The window queries and keys :meth:`select` would score a ``seq``-token prompt with,
         when their scores may be passed in as ``window_scores`` (a window scorer, some row
         pruned, no right padding); else None."""
-        if self.window_n is None or _right_padding(key_padding) is not None:
+        if self.window_n is None or _packing(key_padding) is not None:
             return None
         _, budgets = self._budgets(seq, key_padding, batch=1)
         if all(b.keep_all for b in budgets):
@@ -156,13 +156,13 @@ class Policy:
         prompt = self._prompt(q, k, is_image, key_padding, scale)
         if all(b.keep_all for b in prompt.budgets):
             return prompt.real()
-        shift = _right_padding(key_padding)
+        order = _packing(key_padding)
         if window_scores is not None:
-            if shift is not None or self.window_n is None:
+            if order is not None or self.window_n is None:
                 raise ValueError(
-                    f"window_scores apply to window scorers (window_n is not None) on prompts "
-                    f"without right padding; got them for {self!r}"
-                    + (" with right-padded rows" if shift is not None else "")
+                    f"window_scores apply to window scorers (window_n is not None) on left-padded "
+                    f"or unpadded prompts; got them for {self!r}"
+                    + (" with rows padded elsewhere" if order is not None else "")
                 )
             b, heads, seq = k.shape[0], k.shape[1], k.shape[2]
             if tuple(window_scores.shape) != (b, heads, 2, seq):
@@ -171,17 +171,19 @@ class Policy:
                     f"got shape={tuple(window_scores.shape)}"
                 )
             prompt = prompt._replace(window_scores=window_scores)
-        if shift is None:
+        if order is None:
             return self._select(prompt)
-        # right-padded rows are rotated into left-padded ones, selected, and rotated back
-        rotated = prompt._replace(
-            q=_rotate(q, shift, dim=2),
-            k=_rotate(k, shift, dim=2),
-            is_image=_rotate(is_image, shift, dim=1),
-            key_padding=_rotate(key_padding, shift, dim=1),
+        # rows padded on the right or inside are packed into left-padded ones, selected, and
+        # the kept positions mapped back (ascending still: real tokens keep their order)
+        packed = prompt._replace(
+            q=_permute(q, order, dim=2),
+            k=_permute(k, order, dim=2),
+            is_image=_permute(is_image, order, dim=1),
+            key_padding=_permute(key_padding, order, dim=1),
         )
-        idx = self._select(rotated)
-        return (idx - shift[:, None, None]).masked_fill(idx < 0, -1)
+        idx = self._select(packed)
+        back = order[:, None, :].expand(-1, idx.shape[1], -1).gather(2, idx.clamp_min(0))
+        return back.masked_fill(idx < 0, -1)
 
     def _select(self, prompt: Prompt) -> Tensor:
         raise NotImplementedError
@@ -332,37 +334,21 @@ class CSP(Policy):
         return selection.merge([sinks, chosen_self, chosen_cross, prompt.recent()], seq)
 
 
-def _right_padding(key_padding: Tensor | None) -> Tensor | None:
-    """(batch,) long: the right padding of each right-padded row (0 for the others); None when
-    no row is right-padded. Padding inside a row cannot be pruned around and is an error."""
-    if key_padding is None:
+def _packing(key_padding: Tensor | None) -> Tensor | None:
+    """(batch, seq) long: each row's order with its padding moved first and its real tokens
+    after it, in their order (a stable sort); None when every row is left-padded already.
+    Right padding, or padding between real tokens (a conversation turn padded in the middle of
+    the sequence), is selected in this packed order and mapped back."""
+    if key_padding is None or not bool((key_padding[:, 1:] & ~key_padding[:, :-1]).any()):
         return None
-    seq = key_padding.shape[1]
-    pads = key_padding.sum(dim=1, keepdim=True)
-    pos = torch.arange(seq, device=key_padding.device)
-    left = ((pos < pads) == key_padding).all(dim=1)
-    right = ((pos >= seq - pads) == key_padding).all(dim=1)
-    if not bool((left | right).all()):
-        rows = (~(left | right)).nonzero().flatten().tolist()
-        raise ValueError(
-            f"key_padding must pad each row on one side when tokens are pruned; rows {rows} "
-            "have padding between real tokens. Pad on the left (tokenizer.padding_side = "
-            "'left') or the right; padding inside a row is accepted only when nothing is "
-            "pruned (Full(), budget=1.0, or prompts too short to prune)"
-        )
-    if bool(left.all()):
-        return None
-    return torch.where(left, 0, pads[:, 0])
+    return torch.sort((~key_padding).to(torch.int8), dim=1, stable=True).indices
 
 
-def _rotate(x: Tensor, shift: Tensor, dim: int) -> Tensor:
-    """Row ``b`` of ``x`` rotated by ``shift[b]`` along ``dim``: ``out[j] = x[j - shift[b]]``."""
-    seq = x.shape[dim]
-    index = (torch.arange(seq, device=x.device) - shift[:, None]) % seq  # (batch, seq)
+def _permute(x: Tensor, order: Tensor, dim: int) -> Tensor:
+    """``x`` reordered along ``dim`` by ``order`` (batch, seq): ``x[b, order[b, j]]`` at j."""
     shape = [x.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = seq
-    index = index.view(shape).expand(x.shape)
-    return x.gather(dim, index)
+    shape[dim] = x.shape[dim]
+    return x.gather(dim, order.view(shape).expand(x.shape))
 
 
 def _pad(prompt: Prompt) -> Tensor:

@@ -343,4 +343,6 @@ def test_flex_decode_steps_of_several_tokens():
         csp_inductor.compile(model, Full(), compile=False, kernel="flex")
         got = run(model.csp_backend.new_cache(decode_capacity=8))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert {key[0] for key in model.csp_backend.block_masks} == {1, 3}
+    # outside generate a forward of several tokens is a conversation turn: its masks (which
+    # hide its padding) are dropped after it; the one-token steps keep theirs
+    assert {key[0] for key in model.csp_backend.block_masks} == {1}

@@ -191,12 +191,6 @@ CASES = [
         ValueError,
         r"same seq, got q.shape=\(2, 4, 39, 8\), k.shape=\(2, 2, 40, 8\)",
     ),
-    (
-        "select inner padding",
-        lambda m, i: select(padding=inner_padding()),
-        ValueError,
-        r"pad each row on one side .*rows \[1\] .*padding_side = 'left'",
-    ),
     # compile and the backend
     (
         "not a transformers model",
@@ -293,8 +287,11 @@ def test_both_cache_arguments_at_once(model, inputs):
         model(**inputs, cache=cache, past_key_values=cache)
 
 
-def test_nothing_pruned_needs_no_error():
-    # the inputs that are errors when tokens are pruned are fine when none are
+@pytest.mark.parametrize("policy", [Full(), CSP()], ids=repr)
+def test_padding_inside_a_row_is_never_kept(policy):
+    # a conversation turn of a padded batch has its padding between real tokens
     padding = inner_padding()
-    kept = select(Full(), padding)
-    assert (kept[1, 0] >= 0).sum() == 37 and not set(kept[1, 0].tolist()) & {10, 11, 12}
+    kept = select(policy, padding)
+    want = policy.budget_for(37).kept
+    assert ((kept[1] >= 0).sum(dim=-1) == want).all()
+    assert not set(kept[1].flatten().tolist()) & {10, 11, 12}

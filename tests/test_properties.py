@@ -1,6 +1,7 @@
 """Property tests: scoring and every policy's selection against the fp64 reference, over
-generated prompts (lengths, batches, GQA groups, padding on either side, modality layouts,
-dtypes and policy options). More than 1,000 cases per run; see conftest.py for the profiles.
+generated prompts (lengths, batches, GQA groups, padding on the left, the right or inside a row,
+modality layouts, dtypes and policy options). More than 1,000 cases per run; see conftest.py
+for the profiles.
 
 Tolerances: scores are fp32 whatever the input dtype (bf16/fp16 inputs are upcast before any
 arithmetic), so they match the fp64 reference on the same input values to 1e-5 (relative and
@@ -90,23 +91,38 @@ def policies(draw):
     )
 
 
-def rotate_rows(x, shifts, dim):
-    return torch.stack([torch.roll(row, s, dims=dim - 1) for row, s in zip(x, shifts, strict=True)])
+def moved_padding(pads: list[int], seq: int, cut: float) -> torch.Tensor:
+    """(batch, seq) long: each row's order with its left padding moved after the first
+    ``int(cut * real)`` real tokens (cut 0: left padding as generated, 1: right padding,
+    between: padding inside the row, as a conversation turn has it)."""
+    rows = []
+    for pad in pads:
+        real = list(range(pad, seq))
+        split = int(cut * len(real))
+        rows.append(real[:split] + list(range(pad)) + real[split:])
+    return torch.tensor(rows)
+
+
+def reorder(x, order, dim):
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = x.shape[dim]
+    return x.gather(dim, order.view(shape).expand(x.shape))
 
 
 @settings(max_examples=SELECTION_CASES, deadline=None)
-@given(case=prompts(max_seq=90), policy=policies(), right=st.booleans())
-def test_selection_equals_reference(case, policy, right):
+@given(case=prompts(max_seq=90), policy=policies(), cut=st.sampled_from([0.0, 0.3, 0.5, 1.0]))
+def test_selection_equals_reference(case, policy, cut):
     p = random_prompt(**case)
     pads = case["pads"] or [0] * case["batch"]
     want = reference_select(policy, p.q, p.k, p.is_image, p.key_padding)
-    if right and case["pads"] is not None:
-        # the same rows padded on the right: the same tokens, at positions shifted by the pad
-        back = [-pad for pad in pads]
-        q, k = rotate_rows(p.q, back, 2), rotate_rows(p.k, back, 2)
-        is_image, padding = rotate_rows(p.is_image, back, 1), rotate_rows(p.key_padding, back, 1)
+    if cut and case["pads"] is not None:
+        # the same rows padded on the right or inside: the same tokens, at their new positions
+        order = moved_padding(pads, case["seq"], cut)
+        q, k = reorder(p.q, order, 2), reorder(p.k, order, 2)
+        is_image, padding = reorder(p.is_image, order, 1), reorder(p.key_padding, order, 1)
         got = policy.select(q, k, is_image, padding)
-        got = torch.where(got >= 0, got + torch.tensor(pads)[:, None, None], -1)
+        back = order[:, None, :].expand(-1, got.shape[1], -1).gather(2, got.clamp_min(0))
+        got = torch.where(got >= 0, back, -1)
     else:
         got = policy.select(p.q, p.k, p.is_image, p.key_padding)
     assert torch.equal(got, want)
