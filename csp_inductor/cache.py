@@ -7,6 +7,10 @@ decode capacity``. The first ``lengths[b]`` slots of row ``b`` are valid; the re
 attended to. All layers share ``lengths`` (every policy keeps the same count in every layer) and
 ``seen`` (the logical number of tokens processed, i.e. the unpruned length, so new tokens get
 absolute positions).
+With a bound (``max_cache_tokens``) the capacity is fixed, and each layer also holds the
+modality of every stored token (``images``) and the queries of the last ``window`` tokens
+(``queries``, a ring indexed by absolute position modulo ``window``; their positions and
+modality in ``ring_positions``/``ring_images``): what a re-prune scores the held tokens with.
 A multi-head latent attention (MLA) layer stores what transformers caches for it, the latent
 (one "head" of ``kv_lora_rank``) as ``keys`` and the shared rotary key (``qk_rope_head_dim``) as
 ``values``; its attention expands them per head.
@@ -54,6 +58,7 @@ class LayerSpec:
     states: int = 1
     value_dim: int | None = None
     latent: bool = False
+    q_heads: int = 0
 
 
 class PrunedLayer(CacheLayerMixin):
@@ -66,22 +71,40 @@ class PrunedLayer(CacheLayerMixin):
         self.sliding_window = spec.sliding_window
         self.is_sliding = spec.sliding_window is not None  # read by transformers' mask sizing
         self.keys = self.values = self.positions = None
+        self.images = self.queries = None  # with a bound: stored modality, recent queries
         self.prompt: tuple[Tensor, Tensor] | None = None  # an MLA layer's prompt latents
 
-    def allocate(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
+    def allocate(
+        self,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        bounded: bool = False,
+        window: int = 0,
+    ):
         spec = self.spec
         shape = (batch, spec.kv_heads, capacity, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         value_shape = (*shape[:3], spec.value_dim or spec.head_dim)
         self.values = torch.zeros(value_shape, dtype=dtype, device=device)
         self.positions = torch.full(shape[:3], -1, dtype=torch.long, device=device)
+        if bounded:
+            self.images = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+        if window:
+            ring = (batch, spec.q_heads, window, spec.head_dim)
+            self.queries = torch.zeros(ring, dtype=dtype, device=device)
         self.mark_static()
         self.is_initialized = True
+
+    def buffers(self) -> list[Tensor]:
+        held = (self.keys, self.values, self.positions, self.images, self.queries)
+        return [t for t in held if t is not None]
 
     def mark_static(self) -> None:
         """Batch and capacity vary; heads and head_dim never do. Marked static, they cannot be
         duck-sized together with a batch of the same size (a spurious recompilation)."""
-        for t in (self.keys, self.values, self.positions):
+        for t in self.buffers():
             for dim in range(1, t.dim(), 2):
                 torch._dynamo.mark_static(t, dim)
 
@@ -113,7 +136,7 @@ class PrunedLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
     def reset(self) -> None:
-        for t in (self.keys, self.values):
+        for t in (self.keys, self.values, self.images, self.queries):
             if t is not None:
                 t.zero_()
         if self.positions is not None:
@@ -138,9 +161,20 @@ class PrunedCache(Cache):
     is_compileable = True
 
     def __init__(
-        self, specs: list[LayerSpec], decode_capacity: int, align: int = 1, null_slot: bool = False
+        self,
+        specs: list[LayerSpec],
+        decode_capacity: int,
+        align: int = 1,
+        null_slot: bool = False,
+        bound: int | None = None,
+        window: int = 0,
     ):
         super().__init__(layers=[])
+        self.bound = bound  # max_cache_tokens: the fixed capacity, re-pruned when full
+        self.window = window  # recent queries kept for a re-prune (0: none)
+        self.ring_positions: Tensor | None = None  # (batch, window) their positions, -1 none
+        self.ring_images: Tensor | None = None  # (batch, window) their modality
+        self.reprunes = 0
         self.align = align  # capacity rounded up to a multiple of this
         self.null_slot = null_slot  # the last slot stays K = V = 0 (decode-time n-softmax)
         self.layers = [_layer(self, i, spec) for i, spec in enumerate(specs)]
@@ -172,10 +206,19 @@ class PrunedCache(Cache):
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
             )
-        needed = max(kept) + self.decode_capacity + int(self.null_slot)
+        if self.bound is not None and max(kept) >= self.bound:
+            raise ValueError(
+                f"max_cache_tokens={self.bound} leaves no room for new tokens after this prompt, "
+                f"whose kept tokens per row are {kept}; it must exceed them"
+            )
+        room = self.decode_capacity if self.bound is None else self.bound - max(kept)
+        needed = max(kept) + room + int(self.null_slot)
         capacity = -(-needed // self.align) * self.align
         for layer in self.pruned:
-            layer.allocate(len(kept), capacity, dtype, device)
+            layer.allocate(len(kept), capacity, dtype, device, self.bound is not None, self.window)
+        if self.window:
+            self.ring_positions = torch.full((len(kept), self.window), -1, device=device)
+            self.ring_images = torch.zeros(len(kept), self.window, dtype=torch.bool, device=device)
         self._mark_null_slot()
         self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
         self.starts = torch.zeros_like(self.lengths) if starts is None else starts.to(device)
@@ -190,7 +233,12 @@ class PrunedCache(Cache):
         of which row ``b`` keeps ``kept[b]``: make room for the whole turn and ``room`` more."""
         if self.phase != "decode":
             raise RuntimeError(f"a turn continues a cache after a prompt; this one is {self.phase}")
-        if self.room() < tokens + room:
+        if self.bound is not None and self.room() < tokens:
+            raise ValueError(
+                f"a turn of {tokens} tokens does not fit in max_cache_tokens={self.bound} beside "
+                f"the {self.longest} tokens held; raise the bound or send a shorter turn"
+            )
+        if self.bound is None and self.room() < tokens + room:
             self.grow(tokens + room - self.room())
         self.turn = torch.tensor(kept, dtype=torch.long, device=self.lengths.device)
         self.turns.append(([tokens - p for p in padding], list(kept)))
@@ -220,6 +268,8 @@ class PrunedCache(Cache):
 
     def grow(self, extra: int) -> None:
         """Enlarge the decode capacity by ``extra`` slots (copies the buffers; rare)."""
+        if self.bound is not None:
+            raise RuntimeError(f"a cache bounded to {self.bound} tokens does not grow")
         extra = -(-extra // self.align) * self.align
         for layer in self.pruned:
             pad = (0, 0, 0, extra)

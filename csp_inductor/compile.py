@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -74,6 +75,7 @@ class Backend:
         compile: bool = True,
         dynamic: bool = True,
         decode_softmax_n: float | None = None,
+        max_cache_tokens: int | None = None,
     ):
         if not isinstance(decode_capacity, int) or decode_capacity < 1:
             raise ValueError(
@@ -87,6 +89,14 @@ class Backend:
                 f"decode_softmax_n={decode_softmax_n!r}"
             )
         self.null_logit = None if decode_softmax_n is None else math.log(decode_softmax_n)
+        if max_cache_tokens is not None and (
+            not isinstance(max_cache_tokens, int) or max_cache_tokens < 2
+        ):
+            raise ValueError(
+                "max_cache_tokens must be None (no bound) or an int >= 2, got "
+                f"max_cache_tokens={max_cache_tokens!r}"
+            )
+        self.max_cache_tokens = max_cache_tokens
         self.model = model
         self.family: Family = detect(model, ATTN_NAME)
         self.decoder = self.family.decoder
@@ -109,6 +119,7 @@ class Backend:
         # on a cache holding a conversation is a new turn, later ones decode steps
         self.generate_forwards: int | None = None
         self.reserve = 0  # decode room a turn makes beside its own tokens
+        self.repruner = None  # the (compiled) re-prune of a bounded cache, made when needed
         # the 2D attention mask generate had for its next forward (None = no padding)
         self.from_generate, self.prompt_mask = False, None
         self._undo: list = []
@@ -126,6 +137,7 @@ class Backend:
                 f"policy must be a csp_inductor Policy (CSP(), SnapKV(budget=0.2), ...), got "
                 f"policy={policy!r}"
             )
+        self._check_bound(policy)
         index = register_policy(policy)
         self._policy = policy
         self.policy_index.fill_(index)
@@ -191,17 +203,56 @@ class Backend:
             elif kind in ("shared", "none"):
                 specs.append(LayerSpec(kind=kind))
             else:
-                specs.append(_attention_spec(layer, family.windows[i]))
+                spec = _attention_spec(layer, family.windows[i])
+                specs.append(dataclasses.replace(spec, q_heads=self.q_heads))
         return specs
+
+    @functools.cached_property
+    def scales(self) -> tuple[float, ...]:
+        """The logit scale of each layer the cache stores K/V for (its module's ``scaling``)."""
+        return tuple(
+            float(getattr(attn, "scaling", None) or attn.head_dim**-0.5)
+            for attn, kind in zip(
+                map(self_attention, self.decoder.layers), self.family.layer_types, strict=True
+            )
+            if kind == "attention"
+        )
+
+    @property
+    def q_heads(self) -> int:
+        return self.decoder.config.num_attention_heads
+
+    def _check_bound(self, policy: Policy) -> None:
+        """A bounded cache needs a policy that frees room in a full cache and scores it with
+        the recent queries it keeps (or with none)."""
+        bound = self.max_cache_tokens
+        if bound is None:
+            return
+        if policy.budget_for(bound).keep_all:
+            raise ValueError(
+                f"max_cache_tokens={bound} needs a policy that prunes a cache of {bound} tokens; "
+                f"{policy!r} keeps them all"
+            )
+        if policy.scores_every_query:
+            raise ValueError(
+                f"max_cache_tokens needs a policy that scores with the recent queries (CSP, "
+                f"SnapKV) or none (StreamingLLM, KNorm, RandomKeep); {policy!r} scores with "
+                "every query, which a cache does not keep"
+            )
+        if any(spec.latent for spec in self.layer_specs()):
+            raise ValueError("max_cache_tokens is not supported for multi-head latent attention")
 
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
         """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
         # Compiled flex on CPU (torch 2.13) returns wrong results when the KV length is below
         # one block and differs from the query length: flex buffers are whole blocks.
         align = FLEX_BLOCK if self.kernel == "flex" else 1
+        bound, window = self.max_cache_tokens, 0
+        if bound is not None and self.policy.window_n is not None:
+            window = self.policy.budget_for(bound).window  # the scoring window of a full cache
         return PrunedCache(
             self.layer_specs(), decode_capacity or self.decode_capacity, align,
-            null_slot=self.null_logit is not None,
+            null_slot=self.null_logit is not None, bound=bound, window=window,
         )  # fmt: skip
 
     def _generate(self, generate):
@@ -265,6 +316,8 @@ class Backend:
         elif first and q_len > 1:
             mask = _padding_mask(mask, prompt_mask, from_generate)
             self._prepare_turn(ids, token_types, mask, batch, q_len, cache)
+        elif cache.room() < q_len and cache.bound is not None:
+            self._reprune(cache)
         elif cache.room() < q_len:
             cache.grow(max(q_len, self.decode_capacity))
             self.block_masks.clear()
@@ -327,6 +380,8 @@ class Backend:
             )
         self.is_image = self._modality(ids, token_types, batch, q_len)
         self.key_padding = padding
+        if cache.bound is not None and cache.room() < q_len:
+            self._reprune(cache)
         cache.start_turn(q_len, kept, pads, room=self.reserve)
         self.hidden = None
         if padding is not None:
@@ -355,6 +410,28 @@ class Backend:
         pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
         cache.start_prefill(kept, param.dtype, param.device, self.starts, pads)
+
+    def _reprune(self, cache: PrunedCache) -> None:
+        """Prune a full bounded cache again with the policy, each row's held tokens ranked as
+        a prompt of that length (one graph serves every re-prune)."""
+        kept = [self.policy.budget_for(n).kept for n in cache.rows]
+        if kept == cache.rows:
+            raise ValueError(
+                f"max_cache_tokens={cache.bound}: {self.policy!r} keeps all {cache.rows} tokens "
+                "held, so no room can be made; raise the bound or lower the budget"
+            )
+        if self.repruner is None:
+            self.repruner = _reprune_layers
+            if self.compile:
+                self.repruner = torch.compile(_reprune_layers, fullgraph=True, dynamic=True)
+        target = torch.tensor(kept, dtype=torch.long, device=cache.lengths.device)
+        self.repruner(
+            [layer.buffers() for layer in cache.pruned], cache.ring_positions, cache.ring_images,
+            cache.lengths, target, self.policy_index, self.scales,
+        )  # fmt: skip
+        cache.lengths.copy_(target)
+        cache.rows = kept
+        cache.reprunes += 1
 
     def _build_block_masks(self, cache: PrunedCache, q_len: int) -> None:
         """The flex masks of a decode step of ``q_len`` new tokens (one token per step, or
@@ -393,6 +470,17 @@ def _padding_mask(mask, prompt_mask, from_generate: bool) -> torch.Tensor | None
             f"{type(mask).__name__}{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
         )
     return prompt_mask
+
+
+def _reprune_layers(buffers, ring_positions, ring_images, lengths, kept, policy, scales):
+    """Every layer's re-prune: ``buffers[i]`` a layer's (keys, values, positions, images,
+    queries or nothing)."""
+    for layer, scale in zip(buffers, scales, strict=True):
+        keys, values, positions, images, *queries = layer
+        torch.ops.csp_inductor.reprune_(
+            keys, values, positions, images, queries[0] if queries else None, ring_positions,
+            ring_images, lengths, kept, policy, scale,
+        )  # fmt: skip
 
 
 # What torch.compile raises when it cannot compile (as opposed to errors of the model's code,
@@ -555,7 +643,10 @@ def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Mod
     tokens when not generating through ``generate``), ``compile`` (False = eager, for
     debugging), ``dynamic`` (symbolic prompt lengths, default True), ``decode_softmax_n``
     (None = ordinary softmax at decode; n > 0 = the n-softmax over the pruned cache, through a
-    null KV slot whose logit is pinned to ln n: an ablation, off by default). Returns the same
+    null KV slot whose logit is pinned to ln n: an ablation, off by default),
+    ``max_cache_tokens`` (None = unbounded, the default; N = the cache holds at most N tokens
+    per row: when generation fills it, the policy prunes the held tokens again, scoring them
+    with the queries of the last tokens, as it prunes a prompt of N tokens). Returns the same
     model, changed in place; :func:`restore` undoes it. The backend is ``model.csp_backend``.
     """
     if getattr(model, "csp_backend", None) is not None:

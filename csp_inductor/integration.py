@@ -331,6 +331,15 @@ def _check_causal_turn(batch: int, q_length: int, q_offset, mask_function, devic
         )
 
 
+def _remember(cache, layer, query: Tensor, padding: Tensor | None, is_image: Tensor | None):
+    """A bounded cache keeps the queries of the last tokens, to re-prune with."""
+    if layer.queries is not None:
+        torch.ops.csp_inductor.remember_(
+            layer.queries, cache.ring_positions, cache.ring_images, query, cache.seen, padding,
+            is_image,
+        )  # fmt: skip
+
+
 def csp_attention(
     module: nn.Module,
     query: Tensor,
@@ -385,6 +394,7 @@ def csp_attention(
         if return_lse:
             out, lse = out
         if stores:
+            _remember(cache, layer, query, backend.key_padding, backend.is_image)
             score_key = None
             if layer.spec.latent:  # store the latents, score in their space
                 (key, value), layer.prompt = layer.prompt, None
@@ -408,6 +418,9 @@ def csp_attention(
             block_mask=block_mask, null_logit=backend.null_logit, chunk=chunk, starts=cache.starts,
             hidden=backend.hidden if turn else None,
         )  # fmt: skip
+    if index not in backend.family.kv_source:
+        padding, is_image = (backend.key_padding, backend.is_image) if turn else (None, None)
+        _remember(cache, layer, query, padding, is_image)
     if turn and index not in backend.family.kv_source:
         # the turn's kept tokens replace it in the buffers, after the kept prefix
         (key, value), layer.prompt = layer.prompt, None

@@ -7,12 +7,16 @@ neither Triton nor CUDA: the CUDA implementations import the kernels when first 
 - ``csp_inductor::decomposed_scores(q_window, k, is_image, n, scale, key_padding?, window_mask?)``
   -> (batch, kv_heads, 2, seq) fp32
 - ``csp_inductor::n_softmax(x, n, dim)`` -> like ``x``
+- ``csp_inductor::write_decode_``, ``remember_``, ``reprune_``: in-place cache writes (new
+  tokens, a bounded cache's recent queries, its re-prune)
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
   positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?)``: prefill (or a
   conversation turn's) selection + compaction into the cache buffers
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -81,7 +85,8 @@ def register_policy(policy: Policy) -> int:
 
 
 @torch.library.custom_op(
-    "csp_inductor::compact_", mutates_args=("keys_out", "values_out", "positions_out")
+    "csp_inductor::compact_",
+    mutates_args=("keys_out", "values_out", "positions_out", "images_out"),
 )
 def compact_op(
     query: Tensor,
@@ -99,6 +104,7 @@ def compact_op(
     lse: Tensor | None = None,
     start: Tensor | None = None,
     offset: Tensor | None = None,
+    images_out: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
@@ -111,7 +117,8 @@ def compact_op(
     (b, hq, L) fp32: the log-sum-exp of the prompt's causal attention rows, when the attention
     kernel returned it; a window scorer then does not recompute it. A conversation turn is
     written after the kept prefix: from slot ``start[b]`` (b,) on, at absolute positions
-    ``offset + idx`` (``offset`` () long, the tokens before the turn).
+    ``offset + idx`` (``offset`` () long, the tokens before the turn). ``images_out``
+    (b, hkv, capacity) bool, a bounded cache's: the stored tokens' modality (False past them).
     """
     chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
@@ -136,15 +143,29 @@ def compact_op(
         safe = idx.clamp_min(0)[..., None]
         kept_keys = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid[..., None]
         kept_values = value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])) * valid[..., None]
+        kept_images = is_image[:, None, :].expand(-1, idx.shape[1], -1)
+        kept_images = kept_images.gather(2, safe[..., 0]) & valid
         if start is None:
             keys_out[:, :, :width] = kept_keys
             values_out[:, :, :width] = kept_values
             positions_out[:, :, :width] = idx
+            if images_out is not None:
+                images_out.zero_()
+                images_out[:, :, :width] = kept_images
             return
         slots = (start[:, None, None] + torch.arange(width, device=idx.device)).expand_as(idx)
         keys_out.scatter_(2, slots[..., None].expand_as(kept_keys), kept_keys)
         values_out.scatter_(2, slots[..., None].expand_as(kept_values), kept_values)
         positions_out.scatter_(2, slots, torch.where(valid, idx + offset, -1))
+        if images_out is not None:
+            images_out.scatter_(2, slots, kept_images)
+            _clear_from(images_out, start + lengths)
+
+
+def _clear_from(images: Tensor, lengths: Tensor) -> None:
+    """Slots from ``lengths[b]`` on hold no token: not visual (a re-prune reads them so)."""
+    slots = torch.arange(images.shape[2], device=images.device)
+    images.masked_fill_(slots >= lengths[:, None, None], False)
 
 
 def _scores_from_lse(
@@ -210,3 +231,150 @@ def write_decode_op(
 @write_decode_op.register_fake
 def _(keys_out, values_out, positions_out, key_states, value_states, lengths, seen):
     return None
+
+
+# --- a bounded cache: recent queries and the re-prune ----------------------------------------
+@torch.library.custom_op(
+    "csp_inductor::remember_", mutates_args=("queries_out", "positions_out", "images_out")
+)
+def remember_op(
+    queries_out: Tensor,
+    positions_out: Tensor,
+    images_out: Tensor,
+    query: Tensor,
+    start: Tensor,
+    padding: Tensor | None,
+    is_image: Tensor | None,
+) -> None:
+    """The queries of the last ``W`` tokens into a ring: query (b, hq, t, d) of the tokens at
+    absolute positions ``start + [0, t)``; the last ``min(t, W)`` go to slots ``position % W``
+    of queries_out (b, hq, W, d), with their positions (-1 for padding, ``padding`` (b, t)
+    bool) and modality (``is_image`` (b, t) bool; None: text) into positions_out/images_out
+    (b, W)."""
+    window, t = queries_out.shape[2], query.shape[2]
+    recent = min(t, window)
+    steps = torch.arange(t - recent, t, device=query.device)
+    slots = (start + steps) % window
+    queries_out.index_copy_(2, slots, query[:, :, t - recent :].to(queries_out.dtype))
+    positions = (start + steps).expand(query.shape[0], recent)
+    if padding is not None:
+        positions = positions.masked_fill(padding[:, t - recent :], -1)
+    positions_out.index_copy_(1, slots, positions)
+    images = torch.zeros_like(positions, dtype=torch.bool)
+    if is_image is not None:
+        images = is_image[:, t - recent :]
+    images_out.index_copy_(1, slots, images)
+
+
+@remember_op.register_fake
+def _(queries_out, positions_out, images_out, query, start, padding, is_image):
+    return None
+
+
+@torch.library.custom_op(
+    "csp_inductor::reprune_", mutates_args=("keys", "values", "positions", "images")
+)
+def reprune_op(
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    images: Tensor,
+    queries: Tensor | None,
+    ring_positions: Tensor | None,
+    ring_images: Tensor | None,
+    lengths: Tensor,
+    kept: Tensor,
+    policy: Tensor,
+    scale: float,
+) -> None:
+    """Prune one layer's held tokens again, in place: the policy ranks the ``lengths[b]``
+    stored tokens of row ``b`` as it ranks a prompt, with the remembered recent queries
+    (``queries`` (b, hq, W, d) at ``ring_positions`` (b, W), -1 none; None for a policy that
+    scores without queries) as its scoring window, and the ``kept[b]`` it keeps are compacted
+    to the front, in order.
+
+    Each KV head holds its own tokens, so the scores are computed here per head (the query
+    sees the stored tokens at or before its position; split self/cross by the query's and the
+    stored token's modality, as CSP splits window scores) and handed to the policy in a frame
+    where each row's tokens end the sequence (left padding)."""
+    chosen = _POLICIES[int(policy)]
+    b, heads, capacity, _ = keys.shape
+    slots = torch.arange(capacity, device=keys.device)
+    shift = capacity - lengths  # frame position j holds slot j - shift[b]
+    order = (slots - shift[:, None]) % capacity  # (b, capacity)
+    padding = slots[None, :] < shift[:, None]
+    scores = None
+    if chosen.window_n is not None:
+        # each row's window: its policy's window for the tokens it holds, the newest queries
+        own = [chosen.budget_for(n).window for n in lengths.tolist()]
+        newest = ring_positions.amax(dim=1, keepdim=True)
+        oldest = newest - torch.tensor(own, device=keys.device)[:, None]
+        ring_positions = ring_positions.masked_fill(ring_positions <= oldest, -1)
+        scores = _held_scores(
+            keys, positions, images, queries, ring_positions, ring_images, lengths,
+            chosen.window_n, scale,
+        )  # fmt: skip
+        scores = scores.gather(3, order[:, None, None, :].expand_as(scores))
+    frame_keys = keys.gather(2, order[:, None, :, None].expand_as(keys))
+    frame_images = images.gather(2, order[:, None, :].expand_as(images)).any(dim=1)
+    q_heads = heads if queries is None else queries.shape[1]
+    unused = keys.new_zeros(()).expand(b, q_heads, capacity, keys.shape[3])  # no scorer reads it
+    with label("csp::reprune"):
+        idx = chosen.select(
+            unused, frame_keys, frame_images, padding, scale=scale, window_scores=scores
+        )
+    counts = (idx >= 0).sum(dim=-1)
+    if not torch.equal(counts, kept[:, None].expand_as(counts)):
+        raise RuntimeError(
+            f"the policy kept {counts[:, 0].tolist()} held tokens per row, the backend expected "
+            f"{kept.tolist()}"
+        )
+    chosen_slots = (idx - shift[:, None, None]).clamp_min(0)
+    width = idx.shape[-1]
+    for buffer in (keys, values):
+        picked = buffer.gather(2, chosen_slots[..., None].expand(-1, -1, -1, buffer.shape[3]))
+        buffer[:, :, :width] = picked
+    positions[:, :, :width] = torch.where(idx >= 0, positions.gather(2, chosen_slots), -1)
+    images[:, :, :width] = images.gather(2, chosen_slots) & (idx >= 0)
+    _clear_from(images, kept)
+
+
+@reprune_op.register_fake
+def _(keys, values, positions, images, queries, ring_positions, ring_images, lengths, *_):
+    return None
+
+
+def _held_scores(
+    keys: Tensor,
+    positions: Tensor,
+    images: Tensor,
+    queries: Tensor,
+    ring_positions: Tensor,
+    ring_images: Tensor,
+    lengths: Tensor,
+    n: float,
+    scale: float,
+    rows: int = 64,
+) -> Tensor:
+    """Decomposed scores (b, hkv, 2, capacity) of the held tokens from the remembered queries,
+    ``rows`` queries at a time: query ``i`` of head group ``h`` sees slot ``s`` of KV head
+    ``h`` when ``s < lengths[b]`` and the token there is not after it; the n-softmax rows are
+    summed by whether query and key share a modality (self) or not (cross)."""
+    b, heads, capacity, dim = keys.shape
+    group = queries.shape[1] // heads
+    held = torch.arange(capacity, device=keys.device) < lengths[:, None]  # (b, capacity)
+    self_sum = torch.zeros(b, heads, capacity, dtype=torch.float32, device=keys.device)
+    cross_sum = torch.zeros_like(self_sum)
+    for lo in range(0, queries.shape[2], rows):
+        q = queries[:, :, lo : lo + rows].float().view(b, heads, group, -1, dim)
+        where = ring_positions[:, lo : lo + rows]  # (b, r)
+        logits = torch.einsum("bhgrd,bhcd->bhgrc", q, keys.float()) * scale
+        seen = positions[:, :, None, None, :] <= where[:, None, None, :, None]
+        allowed = seen & held[:, None, None, None, :] & (where >= 0)[:, None, None, :, None]
+        probs = n_softmax_torch(logits.masked_fill(~allowed, -math.inf), n, dim=-1)
+        visual = ring_images[:, lo : lo + rows].float()[:, None, None, :, None]
+        from_images = (probs * visual).sum(dim=(2, 3))
+        from_text = (probs * (1 - visual)).sum(dim=(2, 3))
+        self_sum += torch.where(images, from_images, from_text)
+        cross_sum += torch.where(images, from_text, from_images)
+    return torch.stack([self_sum, cross_sum], dim=2)

@@ -113,6 +113,7 @@ class Policy:
     """Base of all policies: input validation, per-sequence budgets, the keep-all path."""
 
     name: ClassVar[str]
+    scores_every_query: ClassVar[bool] = False  # ranks with all prompt queries (H2O)
 
     def budget_for(self, length: int) -> Budget:
         """The budget of one sequence with ``length`` real prompt tokens."""
@@ -409,6 +410,7 @@ class H2O(ScoredPolicy):
     """Heavy hitters: attention received from all prompt queries (an O(L²) score, chunked)."""
 
     name: ClassVar[str] = "h2o"
+    scores_every_query: ClassVar[bool] = True
 
     def score(self, prompt: Prompt) -> Tensor:
         return _column_sums(prompt, prompt.q)
