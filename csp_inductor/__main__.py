@@ -1,4 +1,4 @@
-"""Command line: ``python -m csp_inductor {demo,eval,profile,train} ...``."""
+"""Command line: ``python -m csp_inductor {demo,chat,eval,profile,train} ...``."""
 
 from __future__ import annotations
 
@@ -55,13 +55,17 @@ def demo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("demo", "eval", "profile", "train")
+    commands = ("demo", "chat", "eval", "profile", "train")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m csp_inductor {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
     if command == "demo":
         return demo(rest)
+    if command == "chat":
+        from .chat import main as chat_main
+
+        return chat_main(rest)
     if command == "eval":
         from .eval import main as eval_main
 

@@ -184,11 +184,11 @@ class PrunedCache(Cache):
         self.lengths: Tensor | None = None  # (batch,) valid slots per row
         self.starts: Tensor | None = None  # (batch,) left padding per row (chunked attention)
         self.seen = torch.zeros((), dtype=torch.long)  # logical (unpruned) tokens processed
-        self.kept_prompt: list[int] = []  # kept prompt tokens per row, for reports
         self.rows: list[int] = []  # host mirror of lengths: no device sync per step
         self.padding: list[int] = []  # padding tokens each row has had (none of them stored)
         self.turn: Tensor | None = None  # (batch,) the running turn's kept tokens per row
-        self.turns: list[tuple[list[int], list[int]]] = []  # (tokens, kept) per row, per turn
+        # (real tokens, kept) per row, of the prompt and of each later turn
+        self.turns: list[tuple[list[int], list[int]]] = []
 
     # --- lifecycle, driven by the backend outside the compiled graph -----------------------
     def start_prefill(
@@ -198,10 +198,11 @@ class PrunedCache(Cache):
         device: torch.device,
         starts: Tensor | None = None,
         padding: list[int] | None = None,
+        tokens: int | None = None,
     ) -> None:
         """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room;
         ``starts`` (batch,) the rows' left padding (None: none), ``padding`` the rows'
-        padding tokens (None: none)."""
+        padding tokens (None: none), ``tokens`` the prompt's length (None: as kept)."""
         if self.phase != "empty":
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
@@ -224,8 +225,9 @@ class PrunedCache(Cache):
         self.starts = torch.zeros_like(self.lengths) if starts is None else starts.to(device)
         self.rows = list(kept)
         self.seen = self.seen.to(device)
-        self.kept_prompt = list(kept)
         self.padding = [0] * len(kept) if padding is None else list(padding)
+        real = kept if tokens is None else [tokens - pad for pad in self.padding]
+        self.turns = [(list(real), list(kept))]
         self.phase = "prefill"
 
     def start_turn(self, tokens: int, kept: list[int], padding: list[int], room: int = 0) -> None:
@@ -244,6 +246,11 @@ class PrunedCache(Cache):
         self.turns.append(([tokens - p for p in padding], list(kept)))
         self.padding = [a + b for a, b in zip(self.padding, padding, strict=True)]
         self.phase = "turn"
+
+    @property
+    def kept_prompt(self) -> list[int]:
+        """Kept prompt tokens per row, for reports."""
+        return self.turns[0][1] if self.turns else []
 
     @property
     def longest(self) -> int:

@@ -409,7 +409,7 @@ class Backend:
             return
         pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        cache.start_prefill(kept, param.dtype, param.device, self.starts, pads)
+        cache.start_prefill(kept, param.dtype, param.device, self.starts, pads, q_len)
 
     def _reprune(self, cache: PrunedCache) -> None:
         """Prune a full bounded cache again with the policy, each row's held tokens ranked as
