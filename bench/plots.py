@@ -4,7 +4,9 @@
 
 Writes ``decode_latency.png`` (decode-step attention latency vs context, per policy),
 ``kv_memory.png`` (KV bytes held vs context, per policy, for the long-context model) and
-``scoring.png`` (time and peak memory, fused vs dense), and prints a markdown table.
+``scoring.png`` (time and peak memory, fused vs dense), ``bounded_cache.png`` (cache bytes
+and held tokens over a long generation, with and without ``max_cache_tokens``), and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -141,6 +143,32 @@ def plot_scoring(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_bounded(benches: list[dict], out: Path) -> None:
+    """Buffer bytes and held tokens per generated token, bounded vs unbounded (one figure)."""
+    import matplotlib.pyplot as plt
+
+    runs = [b["extra_info"] for b in benches if b["extra_info"].get("provider") == "csp_bounded"]
+    if not runs:
+        return
+    info = runs[-1]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for name, run in info["providers"].items():
+        steps, nbytes, held = zip(*run["series_every_10"], strict=True)
+        top.plot(steps, [n / 2**20 for n in nbytes], label=name)
+        bottom.plot(steps, held, label=name)
+    top.set_ylabel("cache buffers (MiB)")
+    bottom.set_ylabel("tokens held")
+    bottom.set_xlabel("generated tokens")
+    shapes = info["shapes"]
+    top.set_title(
+        f"CSP 0.2, {shapes['prompt']}-token prompt, max_cache_tokens={shapes['bound']} vs none"
+    )
+    top.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def table(results: Path) -> str:
     lines = []
     dec = decode_rows(_load(results / "decode.json"))
@@ -198,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = scoring_rows(_load(args.results / "scoring.json"), _peaks(args.results))
     if sc:
         plot_scoring(sc, args.results / "scoring.png")
+    plot_bounded(_load(args.results / "conversation.json"), args.results / "bounded_cache.png")
     print(table(args.results))
     return 0
 

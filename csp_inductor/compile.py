@@ -12,9 +12,15 @@ What it changes, all undone by :func:`restore`:
 3. wraps ``generate`` so the cache's decode capacity matches ``max_new_tokens``;
 4. compiles the decoder's forward with ``torch.compile(fullgraph=True, dynamic=True)``
    (:class:`CompiledForward`): a graph for the prefill (attention + scoring + selection +
-   compaction, the last three inside the ``csp_inductor::compact_`` op) and one for decode
-   steps, each for batch 1 and for larger batches, whatever the prompt lengths, decode
-   capacities and policies; a compiler failure falls back to eager with one warning.
+   compaction, the last three inside the ``csp_inductor::compact_`` op), one for decode
+   steps and one for the later turns of a conversation, each for batch 1 and for larger
+   batches, whatever the prompt lengths, decode capacities and policies; a compiler failure
+   falls back to eager with one warning.
+
+A conversation continues a cache: the first forward of a ``generate`` call on a cache that
+holds a prompt (or, outside ``generate``, any forward of several tokens) is a turn, prefilled
+against the kept prefix and pruned by the policy as a prompt of its own length. With
+``max_cache_tokens`` the cache is re-pruned by the policy whenever it is full.
 """
 
 from __future__ import annotations
