@@ -187,6 +187,7 @@ class PrunedCache(Cache):
         self.rows: list[int] = []  # host mirror of lengths: no device sync per step
         self.padding: list[int] = []  # padding tokens each row has had (none of them stored)
         self.turn: Tensor | None = None  # (batch,) the running turn's kept tokens per row
+        self.pending: tuple | None = None  # its (real tokens, kept, padding) per row
         # (real tokens, kept) per row, of the prompt and of each later turn
         self.turns: list[tuple[list[int], list[int]]] = []
 
@@ -243,9 +244,15 @@ class PrunedCache(Cache):
         if self.bound is None and self.room() < tokens + room:
             self.grow(tokens + room - self.room())
         self.turn = torch.tensor(kept, dtype=torch.long, device=self.lengths.device)
-        self.turns.append(([tokens - p for p in padding], list(kept)))
-        self.padding = [a + b for a, b in zip(self.padding, padding, strict=True)]
+        self.pending = ([tokens - p for p in padding], list(kept), list(padding))
         self.phase = "turn"
+
+    def abandon_turn(self) -> None:
+        """Forget a turn whose forward raised: lengths and ``seen`` never moved, so the cache
+        holds what it held before the turn (the remembered queries of its tokens dropped)."""
+        self.turn, self.pending, self.phase = None, None, "decode"
+        if self.ring_positions is not None:
+            self.ring_positions.masked_fill_(self.ring_positions >= self.seen, -1)
 
     @property
     def kept_prompt(self) -> list[int]:
@@ -260,9 +267,12 @@ class PrunedCache(Cache):
     def advance(self, new_tokens: int) -> None:
         """After a forward of ``new_tokens`` tokens: move the lengths and the logical length."""
         if self.phase == "turn":
+            real, kept, padding = self.pending
             self.lengths.add_(self.turn)
-            self.rows = [n + k for n, k in zip(self.rows, self.turn.tolist(), strict=True)]
-            self.turn = None
+            self.rows = [n + k for n, k in zip(self.rows, kept, strict=True)]
+            self.turns.append((real, kept))
+            self.padding = [a + b for a, b in zip(self.padding, padding, strict=True)]
+            self.turn = self.pending = None
         elif self.phase == "decode":
             self.lengths.add_(new_tokens)
             self.rows = [n + new_tokens for n in self.rows]
@@ -270,8 +280,10 @@ class PrunedCache(Cache):
         self.phase = "decode"
 
     def room(self) -> int:
-        """How many more tokens fit in the decode capacity (the tightest row)."""
-        return self.pruned[0].keys.shape[2] - int(self.null_slot) - self.longest
+        """How many more tokens fit (the tightest row): in the decode capacity, or under the
+        bound (the buffers may be longer, rounded up to whole flex blocks)."""
+        slots = self.pruned[0].keys.shape[2] - int(self.null_slot)
+        return (slots if self.bound is None else min(slots, self.bound)) - self.longest
 
     def grow(self, extra: int) -> None:
         """Enlarge the decode capacity by ``extra`` slots (copies the buffers; rare)."""

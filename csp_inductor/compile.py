@@ -246,7 +246,10 @@ class Backend:
                 "every query, which a cache does not keep"
             )
         if any(spec.latent for spec in self.layer_specs()):
-            raise ValueError("max_cache_tokens is not supported for multi-head latent attention")
+            raise ValueError(
+                f"max_cache_tokens is not supported for {type(self.model).__name__}: its "
+                "multi-head latent attention caches a latent the re-prune cannot score"
+            )
 
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
         """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
@@ -298,6 +301,8 @@ class Backend:
         batch, q_len = (ids if ids is not None else embeds).shape[:2]
         _rename_legacy_cache_arg(kwargs, self.cache_arg)
         cache = kwargs.get(self.cache_arg)
+        if isinstance(cache, PrunedCache) and cache.phase == "turn":
+            cache.abandon_turn()  # the forward of the last turn raised: the cache is as before
         if kwargs.get("use_cache") is False:
             cache = kwargs[self.cache_arg] = None
         elif not isinstance(cache, PrunedCache):
@@ -322,11 +327,8 @@ class Backend:
         elif first and q_len > 1:
             mask = _padding_mask(mask, prompt_mask, from_generate)
             self._prepare_turn(ids, token_types, mask, batch, q_len, cache)
-        elif cache.room() < q_len and cache.bound is not None:
-            self._reprune(cache)
-        elif cache.room() < q_len:
-            cache.grow(max(q_len, self.decode_capacity))
-            self.block_masks.clear()
+        else:
+            self._make_room(cache, q_len)
         self.active = cache
         if cache is not None:
             self.cache = cache
@@ -345,8 +347,8 @@ class Backend:
             return is_image
         if self.family.multimodal:
             raise ValueError(
-                "csp_inductor needs input_ids (or mm_token_type_ids) at prefill to know which "
-                "prompt tokens are visual; got inputs_embeds only"
+                "csp_inductor needs input_ids (or mm_token_type_ids) with a prompt or a turn to "
+                "know which of its tokens are visual; got inputs_embeds only"
             )
         device = next(self.decoder.parameters()).device
         return torch.zeros(batch, q_len, dtype=torch.bool, device=device)
@@ -354,7 +356,12 @@ class Backend:
     def _prepare_turn(self, ids, token_types, mask, batch, q_len, cache) -> None:
         """A new turn of a conversation on a cache that holds the earlier ones: its tokens see
         the kept prefix, and the policy prunes them as a prompt of their own length."""
-        padding = None
+        if self.family.kv_source:
+            raise ValueError(
+                f"csp_inductor cannot continue a conversation on {type(self.model).__name__}: "
+                "its layers share K/V and compute only the last queries of a turn; start a new "
+                "cache per prompt"
+            )
         if mask is not None:
             seen = int(cache.seen)
             if mask.shape[1] not in (q_len, seen + q_len):
@@ -371,23 +378,12 @@ class Backend:
                         f"the earlier turns ({cache.padding} tokens per row); got {earlier}: "
                         "tokens already in the cache cannot be masked afterwards"
                     )
-            padding = ~mask[:, -q_len:].bool()
-        pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
-        if batch == 1 and not pads[0]:
-            padding = None
-        elif padding is None:
-            padding = torch.zeros(batch, q_len, dtype=torch.bool, device=cache.lengths.device)
+        is_image = self._modality(ids, token_types, batch, q_len)
+        padding, pads = _padding(mask, batch, q_len, is_image.device)
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        if self.family.kv_source and (any(pads) or kept != [q_len] * batch):
-            raise ValueError(
-                "csp_inductor continues conversations on models whose layers share K/V "
-                f"({type(self.model).__name__}) only for turns it keeps whole and unpadded; this "
-                f"turn of {q_len} tokens has padding {pads} and keeps {kept}"
-            )
-        self.is_image = self._modality(ids, token_types, batch, q_len)
-        self.key_padding = padding
-        if cache.bound is not None and cache.room() < q_len:
-            self._reprune(cache)
+        if cache.bound is not None:  # (an unbounded cache grows for the turn and its answer)
+            self._make_room(cache, q_len)
+        self.is_image, self.key_padding = is_image, padding
         cache.start_turn(q_len, kept, pads, room=self.reserve)
         self.hidden = None
         if padding is not None:
@@ -399,23 +395,32 @@ class Backend:
 
     def _prepare_prompt(self, ids, token_types, mask, batch, q_len, cache) -> None:
         param = next(self.decoder.parameters())
-        is_image = self._modality(ids, token_types, batch, q_len)
-        # A padding tensor whenever the batch has more than one row, padded or not: one graph
-        # serves both. A lone row without padding takes the unmasked (faster) prefill.
-        padding = None if mask is None else ~mask[:, -q_len:].bool()
-        if batch == 1 and (padding is None or not bool(padding.any())):
-            padding = None
-        elif padding is None:
-            padding = torch.zeros(batch, q_len, dtype=torch.bool, device=is_image.device)
-        self.is_image = is_image
-        self.key_padding = padding
-        self.starts = leading_padding(padding)  # where each row's attention chunks start
+        self.is_image = self._modality(ids, token_types, batch, q_len)
+        self.key_padding, pads = _padding(mask, batch, q_len, param.device)
+        self.starts = leading_padding(self.key_padding)  # where each row's chunks start
         self.block_masks.clear()
         if cache is None:
             return
-        pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
         cache.start_prefill(kept, param.dtype, param.device, self.starts, pads, q_len)
+
+    def _make_room(self, cache: PrunedCache, q_len: int) -> None:
+        """Room for ``q_len`` new tokens: a full bounded cache is re-pruned (refused when even
+        that leaves too little), an unbounded one grows."""
+        if cache.room() >= q_len:
+            return
+        if cache.bound is None:
+            cache.grow(max(q_len, self.decode_capacity))
+            self.block_masks.clear()
+            return
+        after = max(self.policy.budget_for(n).kept for n in cache.rows)
+        if after + q_len > cache.bound:
+            raise ValueError(
+                f"max_cache_tokens={cache.bound}: {q_len} new tokens do not fit beside the "
+                f"{after} tokens a re-prune of the {max(cache.rows)} held keeps; raise the "
+                "bound or send fewer tokens at once"
+            )
+        self._reprune(cache)
 
     def _reprune(self, cache: PrunedCache) -> None:
         """Prune a full bounded cache again with the policy, each row's held tokens ranked as
@@ -463,6 +468,18 @@ class Backend:
                 self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
             cache.advance((ids if ids is not None else embeds).shape[1])
         return output
+
+
+def _padding(mask, batch: int, q_len: int, device) -> tuple[torch.Tensor | None, list[int]]:
+    """The padding of a forward's ``q_len`` tokens from its 2D mask, (batch, q_len) bool, and
+    its count per row. A padding tensor whenever the batch has more than one row, padded or
+    not (one graph serves both); None for a lone row without padding (the faster path)."""
+    padding = None if mask is None else ~mask[:, -q_len:].bool()
+    if batch == 1 and (padding is None or not bool(padding.any())):
+        return None, [0]
+    if padding is None:
+        padding = torch.zeros(batch, q_len, dtype=torch.bool, device=device)
+    return padding, padding.sum(dim=1).tolist()
 
 
 def _padding_mask(mask, prompt_mask, from_generate: bool) -> torch.Tensor | None:

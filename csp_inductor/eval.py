@@ -156,7 +156,9 @@ def _generate(model, batch, *, max_new_tokens: int, min_new_tokens: int = 0):
 
 @torch.no_grad()
 def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int):
-    """Prefill the prompts without their (equally long) questions, then generate after them."""
+    """Prefill the prompts without their (equally long) questions, then generate after them.
+    The question is a conversation turn: pruned by the policy as a prompt of its length (the
+    built-in questions, 4–9 tokens, are too short to prune)."""
     q = {hs.question_length(s) for s in samples}
     if len(q) != 1:
         raise ValueError(f"questions of one batch must have one length, got {sorted(q)}")

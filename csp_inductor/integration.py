@@ -395,15 +395,9 @@ def csp_attention(
             out, lse = out
         if stores:
             _remember(cache, layer, query, backend.key_padding, backend.is_image)
-            score_key = None
-            if layer.spec.latent:  # store the latents, score in their space
+            if layer.spec.latent:  # store the latents
                 (key, value), layer.prompt = layer.prompt, None
-                query, score_key = absorb(module, query, key, value)
-            torch.ops.csp_inductor.compact_(
-                query, key, value, backend.is_image, backend.key_padding, layer.keys,
-                layer.values, layer.positions, cache.lengths, backend.policy_index, scale,
-                score_key, lse,
-            )  # fmt: skip
+            _compact(module, cache, layer, query, key, value, scale, cache.lengths, lse)
         return out, None
     layer = cache.layers[source]
     turn = cache.phase == "turn"
@@ -424,12 +418,20 @@ def csp_attention(
     if turn and index not in backend.family.kv_source:
         # the turn's kept tokens replace it in the buffers, after the kept prefix
         (key, value), layer.prompt = layer.prompt, None
-        score_key = None
-        if layer.spec.latent:
-            query, score_key = absorb(module, query, key, value)
-        torch.ops.csp_inductor.compact_(
-            query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
-            layer.positions, cache.turn, backend.policy_index, scale, score_key, None,
-            cache.lengths, cache.seen,
-        )  # fmt: skip
+        _compact(module, cache, layer, query, key, value, scale, cache.turn, turn=True)
     return out, None
+
+
+def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, turn=False):
+    """Select one layer's kept tokens of the prompt (``kept[b]`` per row), or of a turn, which
+    go after the kept prefix at their absolute positions, and store them. An MLA layer stores
+    its latents and scores in their space."""
+    backend, score_key = module.csp_backend, None
+    if layer.spec.latent:
+        query, score_key = absorb(module, query, key, value)
+    start, offset = (cache.lengths, cache.seen) if turn else (None, None)
+    torch.ops.csp_inductor.compact_(
+        query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
+        layer.positions, kept, backend.policy_index, scale, score_key, lse, start, offset,
+        layer.images,
+    )  # fmt: skip

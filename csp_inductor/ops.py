@@ -296,7 +296,8 @@ def reprune_op(
     Each KV head holds its own tokens, so the scores are computed here per head (the query
     sees the stored tokens at or before its position; split self/cross by the query's and the
     stored token's modality, as CSP splits window scores) and handed to the policy in a frame
-    where each row's tokens end the sequence (left padding)."""
+    where each row's tokens end the sequence (left padding). The policy's own ``is_image``
+    (CSP reads it only to tell whether a row holds images) is a slot's modality in any head."""
     chosen = _POLICIES[int(policy)]
     b, heads, capacity, _ = keys.shape
     slots = torch.arange(capacity, device=keys.device)

@@ -6,7 +6,7 @@ queries and keys and returns the kept prompt positions per KV head::
     q           (batch, q_heads, seq, head_dim)   all prompt queries, RoPE applied
     k           (batch, kv_heads, seq, head_dim)
     is_image    (batch, seq) bool                 True for visual tokens
-    key_padding (batch, seq) bool or None         True = padding (left or right); never kept
+    key_padding (batch, seq) bool or None         True = padding (anywhere); never kept
     returns     (batch, kv_heads, K) long         ascending positions, -1 padded at the end
 
 Each sequence gets its own budget from its own unpadded length. A baseline only writes
@@ -129,7 +129,7 @@ class Policy:
     def scoring_window(self, seq: int, key_padding: Tensor | None) -> ScoringWindow | None:
         """The window queries and keys :meth:`select` would score a ``seq``-token prompt with,
         when their scores may be passed in as ``window_scores`` (a window scorer, some row
-        pruned, no right padding); else None."""
+        pruned, every row left-padded or unpadded); else None."""
         if self.window_n is None or _packing(key_padding) is not None:
             return None
         _, budgets = self._budgets(seq, key_padding, batch=1)

@@ -244,7 +244,8 @@ CASES = [
         "inputs_embeds only",
         lambda m, i: m(inputs_embeds=torch.randn(1, 40, 64)),
         ValueError,
-        "needs input_ids .* to know which prompt tokens are visual; got inputs_embeds only",
+        "needs input_ids .* with a prompt or a turn to know which of its tokens are visual; got "
+        "inputs_embeds only",
     ),
     (
         "4D attention mask",

@@ -8,9 +8,7 @@ from transformers import LogitsProcessorList
 import csp_inductor
 from csp_inductor import CSP, H2O, Full, SnapKV, StreamingLLM
 from csp_inductor.ops import register_policy
-from csp_inductor.testing import random_prompt, tiny_inputs, tiny_model
-
-pytestmark = pytest.mark.filterwarnings("ignore:CSP. a prompt has no image tokens")
+from csp_inductor.testing import IMAGE_ID, random_prompt, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("policy", [CSP(), CSP(n=0.0, cross_ratio=0.3), SnapKV(), StreamingLLM()])
@@ -106,6 +104,31 @@ def test_bounded_generation_keeps_memory_flat_without_recompiling(bounded):
             assert (pos[:, -3:] == torch.arange(int(cache.seen) - 3, int(cache.seen))).all()
 
 
+def stored_modality_is_right(cache, is_image: torch.Tensor) -> None:
+    """Every held token's recorded modality is its own (``is_image`` over the conversation)."""
+    for layer in cache.pruned:
+        for row, length in enumerate(cache.rows):
+            pos = layer.positions[row, :, :length]
+            assert torch.equal(layer.images[row, :, :length], is_image[row][pos])
+            assert not layer.images[row, :, length:].any()
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_the_bound_holds_and_the_held_tokens_keep_their_modality(kernel):
+    model = tiny_model("llava")
+    csp_inductor.compile(model, CSP(), compile=False, kernel=kernel, max_cache_tokens=60)
+    inputs = tiny_inputs(model, "llava", batch=2, pads=[0, 9], seed=5)
+    log = CacheLog(model)
+    sequences, _ = generate(model, inputs, 120, log)
+    cache = model.csp_backend.cache
+    assert max(max(rows) for _, rows, _ in log.steps) <= 60 and cache.reprunes >= 2
+    is_image = torch.zeros_like(sequences, dtype=torch.bool)  # generated tokens are text
+    prompt = inputs["input_ids"]
+    is_image[:, : prompt.shape[1]] = prompt == model.config.image_token_id
+    stored_modality_is_right(cache, is_image)
+    assert cache.pruned[0].images.any()  # images survive the re-prunes
+
+
 @pytest.mark.parametrize("policy", [CSP(), StreamingLLM()], ids=repr)
 def test_a_bound_never_reached_changes_nothing(policy):
     model = tiny_model("llava")
@@ -130,12 +153,19 @@ def test_a_turn_that_does_not_fit_reprunes_first():
     cache = out.past_key_values
     assert cache.reprunes == 0 and cache.room() < 46
     capacity = cache.pruned[0].keys.shape[2]
-    turn = torch.randint(3, 90, (1, 45), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 90, (1, 29), generator=gen)
+    turn = torch.cat([text[:, :20], torch.full((1, 16), IMAGE_ID), text[:, 20:]], 1)  # 45
     ids = torch.cat([out.sequences, turn], 1)
     kwargs = dict(max_new_tokens=80, min_new_tokens=80, do_sample=False)
-    model.generate(input_ids=ids, past_key_values=cache, **kwargs)
+    pixels = torch.randn(1, 3, 32, 32, generator=gen)
+    final = model.generate(input_ids=ids, pixel_values=pixels, past_key_values=cache, **kwargs)
     assert cache.reprunes == 2 and max(cache.rows) <= 90  # before the turn, and after it
     assert cache.pruned[0].keys.shape[2] == capacity
+    is_image = final == IMAGE_ID
+    is_image[:, ids.shape[1] :] = False  # generated tokens are text
+    is_image[:, inputs["input_ids"].shape[1] : out.sequences.shape[1]] = False
+    stored_modality_is_right(cache, is_image)
 
 
 @pytest.mark.parametrize(

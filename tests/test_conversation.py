@@ -11,7 +11,14 @@ from transformers import AttentionInterface
 
 import csp_inductor
 from csp_inductor import CSP, Full, SnapKV
-from csp_inductor.testing import IMAGE_ID, PAD_ID, TEXT_IDS, tiny_inputs, tiny_model
+from csp_inductor.testing import (
+    IMAGE_ID,
+    PAD_ID,
+    TEXT_IDS,
+    tiny_family_model,
+    tiny_inputs,
+    tiny_model,
+)
 
 NEW_TOKENS = 4
 
@@ -273,3 +280,30 @@ def test_a_new_image_on_a_bidirectional_image_model_is_refused():
     )  # fmt: skip
     with pytest.raises(ValueError, match="non-causal mask inside the turn"):
         model.generate(**kwargs, past_key_values=out.past_key_values, max_new_tokens=2)
+
+
+def test_models_sharing_kv_across_layers_are_refused():
+    model = tiny_family_model("gemma4")
+    csp_inductor.compile(model, Full(), compile=False)
+    ids = torch.randint(*TEXT_IDS, (1, 30), generator=torch.Generator().manual_seed(0))
+    out = model.generate(
+        input_ids=ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True
+    )
+    more = torch.cat([out.sequences, ids[:, :12]], 1)
+    with pytest.raises(ValueError, match=r"cannot continue a conversation on .*share K/V"):
+        model.generate(input_ids=more, past_key_values=out.past_key_values, max_new_tokens=2)
+
+
+def test_a_turn_that_raises_leaves_the_cache_as_it_was():
+    model = csp_inductor.compile(tiny_model("llava"), CSP(), compile=False)
+    first, (text, image) = three_turns(model, batch=1)
+    cache = model.csp_backend.new_cache()
+    model(**first, past_key_values=cache)
+    held, seen = list(cache.rows), int(cache.seen)
+    with pytest.raises(ValueError, match=r"[Ii]mage features and image tokens do not match"):
+        pixels = image["pixel_values"].repeat(2, 1, 1, 1)  # two images for one placeholder run
+        model(input_ids=image["ids"], pixel_values=pixels, past_key_values=cache)
+    assert cache.rows == held and int(cache.seen) == seen and len(cache.turns) == 1
+    model(input_ids=text["ids"], past_key_values=cache)
+    assert cache.phase == "decode" and len(cache.turns) == 2
+    assert int(cache.seen) == seen + text["ids"].shape[1]
