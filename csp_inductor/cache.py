@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer
 
-from . import ops  # noqa: F401  (registers csp_inductor::write_decode_)
+from . import ops  # registers csp_inductor::write_decode_
 from .attention import NULL_POSITION
 
 
@@ -233,14 +233,10 @@ class PrunedCache(Cache):
 
     def start_turn(self, tokens: int, kept: list[int], padding: list[int], room: int = 0) -> None:
         """Before a turn of ``tokens`` new tokens (``padding[b]`` of them padding in row ``b``)
-        of which row ``b`` keeps ``kept[b]``: make room for the whole turn and ``room`` more."""
+        of which row ``b`` keeps ``kept[b]``: make room for the whole turn and ``room`` more
+        (a bounded cache has been given room by its backend: it never grows)."""
         if self.phase != "decode":
             raise RuntimeError(f"a turn continues a cache after a prompt; this one is {self.phase}")
-        if self.bound is not None and self.room() < tokens:
-            raise ValueError(
-                f"a turn of {tokens} tokens does not fit in max_cache_tokens={self.bound} beside "
-                f"the {self.longest} tokens held; raise the bound or send a shorter turn"
-            )
         if self.bound is None and self.room() < tokens + room:
             self.grow(tokens + room - self.room())
         self.turn = torch.tensor(kept, dtype=torch.long, device=self.lengths.device)
@@ -253,6 +249,9 @@ class PrunedCache(Cache):
         self.turn, self.pending, self.phase = None, None, "decode"
         if self.ring_positions is not None:
             self.ring_positions.masked_fill_(self.ring_positions >= self.seen, -1)
+        for layer in self.pruned:
+            if layer.images is not None:
+                ops.clear_images_from(layer.images, self.lengths)
 
     @property
     def kept_prompt(self) -> list[int]:

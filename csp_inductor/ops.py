@@ -159,10 +159,10 @@ def compact_op(
         positions_out.scatter_(2, slots, torch.where(valid, idx + offset, -1))
         if images_out is not None:
             images_out.scatter_(2, slots, kept_images)
-            _clear_from(images_out, start + lengths)
+            clear_images_from(images_out, start + lengths)
 
 
-def _clear_from(images: Tensor, lengths: Tensor) -> None:
+def clear_images_from(images: Tensor, lengths: Tensor) -> None:
     """Slots from ``lengths[b]`` on hold no token: not visual (a re-prune reads them so)."""
     slots = torch.arange(images.shape[2], device=images.device)
     images.masked_fill_(slots >= lengths[:, None, None], False)
@@ -337,7 +337,7 @@ def reprune_op(
         buffer[:, :, :width] = picked
     positions[:, :, :width] = torch.where(idx >= 0, positions.gather(2, chosen_slots), -1)
     images[:, :, :width] = images.gather(2, chosen_slots) & (idx >= 0)
-    _clear_from(images, kept)
+    clear_images_from(images, kept)
 
 
 @reprune_op.register_fake
