@@ -25,7 +25,6 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -35,14 +34,14 @@ from . import decomposed_scores, n_softmax
 
 ARCHS = (80, 90)
 BLOCK_DS = (64, 128, 256)  # the head dims 64 | 80, 96, 128 | 256
-DTYPES = ("fp16", "bf16", "fp32")  # of the scoring kernels; the n-softmax also takes fp64
+DTYPES = tuple(decomposed_scores.DTYPE_NAMES.values())  # scoring; the n-softmax also takes fp64
 HALF = ("fp16", "bf16")  # must not spill; fp32/fp64 may (reported)
 POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 # shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB
 SMEM_LIMIT = {80: 166_912, 90: 232_448}
 SMEM_PER_SM = {80: 167_936, 90: 233_472}
 REGS_PER_SM, MAX_WARPS_PER_SM = 65_536, 64
-TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPE = {name: dtype for dtype, name in decomposed_scores.DTYPE_NAMES.items()}
 _PTXAS = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?"
     r"Used (\d+) registers",

@@ -125,13 +125,14 @@ def _arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# the scoring kernels' dtypes by the names of the compile gate's table (aot.py)
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _gate_passing(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int):
     """The configs (:func:`_key`) of ``kernel`` that pass the compile gate for this
     architecture, dtype and head-dim block; None when the table does not cover them."""
-    return _gate_table().get((kernel, arch, _DTYPE_NAMES.get(dtype), block_d))
+    return _gate_table().get((kernel, arch, DTYPE_NAMES.get(dtype), block_d))
 
 
 @functools.cache
