@@ -19,7 +19,7 @@ from conftest import env_int, record
 
 import csp_inductor
 from csp_inductor import CSP, H2O, Full, SnapKV, StreamingLLM
-from csp_inductor import haystack as hs
+from csp_inductor.evaluation import haystack as hs
 
 CALLS = env_int("CSP_BENCH_SOAK_CALLS", 500)
 CHECKPOINTS = sorted({c for c in (100, 250, 500) if c <= CALLS} | {CALLS})

@@ -20,8 +20,8 @@ def demo(argv: list[str]) -> int:
 
     import torch
 
-    from . import haystack as hs
-    from .eval import PolicySpec, decode_speed, pruning, run_haystack
+    from .evaluation import haystack as hs
+    from .evaluation.eval import PolicySpec, decode_speed, pruning, run_haystack
     from .policies import Full
 
     torch.manual_seed(0)
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return chat_main(rest)
     if command == "eval":
-        from .eval import main as eval_main
+        from .evaluation.eval import main as eval_main
 
         return eval_main(rest)
     if command == "profile":
         from .profiling import main as profile_main
 
         return profile_main(rest)
-    from .train import main as train_main
+    from .evaluation.train import main as train_main
 
     train_main(rest)
     return 0

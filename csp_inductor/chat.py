@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
 
     import csp_inductor
 
-    from . import haystack as hs
-    from .eval import PolicySpec
+    from .evaluation import haystack as hs
+    from .evaluation.eval import PolicySpec
 
     policy = PolicySpec.parse(args.policy).build(args.budget)
     options = dict(compile=args.compile, max_cache_tokens=args.max_cache_tokens)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
 
 
 def _context_text(context: Tensor) -> str:
-    from . import haystack as hs
+    from .evaluation import haystack as hs
 
     words = hs.decode(context).split()
     out, run = [], 0
@@ -151,7 +151,7 @@ def _context_text(context: Tensor) -> str:
 
 
 def _haystack_encoder():
-    from . import haystack as hs
+    from .evaluation import haystack as hs
 
     def encode(text: str) -> Tensor:
         words = text.split()

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from csp_inductor import haystack as hs
-from csp_inductor.train import evaluate
+from csp_inductor.evaluation import haystack as hs
+from csp_inductor.evaluation.train import evaluate
 
 PATH = hs.BUILTIN_MODEL_PATH
 PER_TASK = 16

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from csp_inductor import haystack as hs
 from csp_inductor.chat import main
+from csp_inductor.evaluation import haystack as hs
 
 
 def questions_and_answers(seed: int = 7, task: str = "cross_modal"):

@@ -1,12 +1,14 @@
 """The evaluation harness and the command line, on the built-in model with tiny samples."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from csp_inductor import CSP, Full, SnapKV
 from csp_inductor.__main__ import main
-from csp_inductor.eval import PolicySpec, format_table
+from csp_inductor.evaluation.eval import PolicySpec, format_table
 
 
 def test_policy_specs():
@@ -55,8 +57,8 @@ def test_cli_usage_errors(capsys):
 def test_question_after_context_keeps_full_cache_answers():
     """Asking after the prefilled context changes nothing with a full cache (the oracle for the
     mode's positions and masks), while pruning then cannot see the question."""
-    from csp_inductor import haystack as hs
-    from csp_inductor.eval import run_haystack
+    from csp_inductor.evaluation import haystack as hs
+    from csp_inductor.evaluation.eval import run_haystack
 
     model = hs.load_builtin_model()
     data = hs.make_split("test", 12, seed=3)
@@ -66,3 +68,21 @@ def test_question_after_context_keeps_full_cache_answers():
     assert after.correct == standard.correct and sum(standard.correct) >= 6
     pruned = run_haystack(model, data, CSP(budget=0.1, window_ratio=0.05), question_after=True)
     assert pruned.kv_bytes < 0.3 * pruned.full_kv_bytes
+
+
+def test_evaluation_modules_keep_their_old_names():
+    import csp_inductor.haystack
+    from csp_inductor import eval as old_eval
+    from csp_inductor.evaluation import eval as new_eval
+    from csp_inductor.evaluation import haystack
+    from csp_inductor.train import build_config
+
+    assert csp_inductor.haystack is haystack
+    assert old_eval is new_eval
+    assert build_config.__module__ == "csp_inductor.evaluation.train"
+    assert haystack.BUILTIN_MODEL_PATH.is_dir()
+    run = subprocess.run(
+        [sys.executable, "-m", "csp_inductor.train", "--help"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "--out" in run.stdout

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from csp_inductor import haystack as hs
+from csp_inductor.evaluation import haystack as hs
 
 
 @pytest.mark.parametrize("task", hs.TASKS)
@@ -161,7 +161,7 @@ def test_bad_split_raises():
 def test_batch_runs_through_a_llava_model():
     from transformers import LlavaForConditionalGeneration
 
-    from csp_inductor.train import build_config
+    from csp_inductor.evaluation.train import build_config
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(build_config(hidden=32, layers=1)).eval()

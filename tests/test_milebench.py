@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csp_inductor import milebench as mb
-from csp_inductor.milebench import MileSample
+from csp_inductor.evaluation import milebench as mb
+from csp_inductor.evaluation.milebench import MileSample
 
 FIXTURE = Path(__file__).parent / "fixtures" / "milebench"
 WEBQA_INSTRUCTION = (

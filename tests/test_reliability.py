@@ -10,8 +10,8 @@ import torch
 
 import csp_inductor
 from csp_inductor import CSP, Full, SnapKV
-from csp_inductor import haystack as hs
 from csp_inductor.compile import CompiledForward
+from csp_inductor.evaluation import haystack as hs
 from csp_inductor.testing import tiny_inputs, tiny_model
 
 BATCH_SIZES = (1, 2, 3, 4, 5, 6)

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from csp_inductor import haystack as hs
-from csp_inductor import train
+from csp_inductor.evaluation import haystack as hs
+from csp_inductor.evaluation import train
 
 COLOURS, SHAPES = list(hs.COLOURS), list(hs.SHAPES)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import haystack as hs
-from .compile import compile as compile_model
-from .compile import restore
-from .policies import POLICIES, Full, Policy, make_policy
+from csp_inductor.compile import compile as compile_model
+from csp_inductor.compile import restore
+from csp_inductor.evaluation import haystack as hs
+from csp_inductor.policies import POLICIES, Full, Policy, make_policy
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def _row(spec, budget, task, accuracy, n, stats: RunStats) -> dict:
 def evaluate_milebench(
     model_dir: str, data_dir: str, datasets: list[str], specs, budgets, *, samples: int
 ) -> list[dict]:
-    from . import milebench
+    from csp_inductor.evaluation import milebench
 
     model, processor = milebench.load_model(model_dir)
     results = []

@@ -55,7 +55,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.models.llama.modeling_llama import rotate_half
 
-from . import haystack as hs
+from csp_inductor.evaluation import haystack as hs
 
 DEFAULT_WORK_DIR = Path("/tmp/csp_inductor_tiny_llava")
 
@@ -345,7 +345,7 @@ def _resolved(path: Path | None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "tiny_llava")
+    p.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "tiny_llava")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-tokens", type=int, default=4096, help="prompt tokens per batch")

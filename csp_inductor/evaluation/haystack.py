@@ -90,7 +90,7 @@ BOS_TOKEN_ID = TOKEN_TO_ID["<bos>"]
 EOS_TOKEN_ID = TOKEN_TO_ID["<eos>"]
 IMAGE_TOKEN_ID = TOKEN_TO_ID["<image>"]
 
-BUILTIN_MODEL_PATH = Path(__file__).parent / "assets" / "tiny_llava"
+BUILTIN_MODEL_PATH = Path(__file__).parents[1] / "assets" / "tiny_llava"
 
 _SPLIT_KEYS = {"train": 0, "test": 1}
 DEFAULT_NUM_IMAGES = {"train": (2, 40), "test": (8, 40)}
