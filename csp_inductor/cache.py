@@ -25,6 +25,9 @@ writes the kept tokens into the buffers with the ``csp_inductor::compact_`` op. 
 the buffers. ``phase == "turn"`` while a later turn of a conversation goes through the decoder:
 its tokens are written like decode tokens (its attention sees the kept prefix and the turn,
 causally), and the backend then compacts the turn's kept tokens in place after the prefix.
+A question-agnostic policy keeps the whole prompt at prefill; ``phase == "reread"`` while
+chunks of the prompt are re-read to score it: written like decode tokens, never kept
+(``lengths``/``seen`` stay), and the prompt is then pruned in place (:meth:`finish_reread`).
 ``lengths``/``seen`` advance in :meth:`advance`, outside the compiled graph, once per forward;
 being tensors updated in place, they never cause a recompilation.
 """
@@ -80,7 +83,7 @@ class PrunedLayer(CacheLayerMixin):
         capacity: int,
         dtype: torch.dtype,
         device: torch.device,
-        bounded: bool = False,
+        images: bool = False,
         window: int = 0,
     ):
         spec = self.spec
@@ -89,7 +92,7 @@ class PrunedLayer(CacheLayerMixin):
         value_shape = (*shape[:3], spec.value_dim or spec.head_dim)
         self.values = torch.zeros(value_shape, dtype=dtype, device=device)
         self.positions = torch.full(shape[:3], -1, dtype=torch.long, device=device)
-        if bounded:
+        if images:
             self.images = torch.zeros(shape[:3], dtype=torch.bool, device=device)
         if window:
             ring = (batch, spec.q_heads, window, spec.head_dim)
@@ -200,10 +203,13 @@ class PrunedCache(Cache):
         starts: Tensor | None = None,
         padding: list[int] | None = None,
         tokens: int | None = None,
+        reread: int = 0,
     ) -> None:
         """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room;
         ``starts`` (batch,) the rows' left padding (None: none), ``padding`` the rows'
-        padding tokens (None: none), ``tokens`` the prompt's length (None: as kept)."""
+        padding tokens (None: none), ``tokens`` the prompt's length (None: as kept).
+        ``reread`` > 0: the prompt is kept whole, then re-read ``reread`` tokens at a time
+        and pruned (:meth:`finish_reread`); the slots' modality is stored for it."""
         if self.phase != "empty":
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
@@ -214,10 +220,10 @@ class PrunedCache(Cache):
                 f"whose kept tokens per row are {kept}; it must exceed them"
             )
         room = self.decode_capacity if self.bound is None else self.bound - max(kept)
-        needed = max(kept) + room + int(self.null_slot)
-        capacity = -(-needed // self.align) * self.align
+        capacity = self._capacity(max(kept) + max(room, reread))
+        images = self.bound is not None or reread > 0
         for layer in self.pruned:
-            layer.allocate(len(kept), capacity, dtype, device, self.bound is not None, self.window)
+            layer.allocate(len(kept), capacity, dtype, device, images, self.window)
         if self.window:
             self.ring_positions = torch.full((len(kept), self.window), -1, device=device)
             self.ring_images = torch.zeros(len(kept), self.window, dtype=torch.bool, device=device)
@@ -230,6 +236,24 @@ class PrunedCache(Cache):
         real = kept if tokens is None else [tokens - pad for pad in self.padding]
         self.turns = [(list(real), list(kept))]
         self.phase = "prefill"
+
+    def _capacity(self, slots: int) -> int:
+        """Buffer length for ``slots`` tokens: the null slot added, whole flex blocks."""
+        return -(-(slots + int(self.null_slot)) // self.align) * self.align
+
+    def finish_reread(self, kept: list[int]) -> None:
+        """After a re-read prompt was pruned in place to ``kept[b]`` tokens per row: record
+        them and give the buffers back, down to the kept tokens and the decode room."""
+        self.lengths.copy_(torch.tensor(kept, dtype=torch.long))
+        self.rows = list(kept)
+        self.turns[0] = (self.turns[0][0], list(kept))
+        capacity = self._capacity(max(kept) + self.decode_capacity)
+        for layer in self.pruned:
+            for name in ("keys", "values", "positions", "images"):
+                setattr(layer, name, getattr(layer, name)[:, :, :capacity].clone())
+            layer.mark_static()
+        self._mark_null_slot()
+        self.phase = "decode"
 
     def start_turn(self, tokens: int, kept: list[int], padding: list[int], room: int = 0) -> None:
         """Before a turn of ``tokens`` new tokens (``padding[b]`` of them padding in row ``b``)

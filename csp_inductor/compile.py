@@ -33,6 +33,7 @@ import inspect
 import math
 import types
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask, leading_pad
 from .cache import LayerSpec, PrunedCache
 from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
 from .ops import register_policy
-from .policies import CSP, Policy
+from .policies import CSP, Full, Policy, Reconstruction
 
 ATTN_NAME = "csp_inductor"
 DEFAULT_DECODE_CAPACITY = 256
@@ -107,6 +108,10 @@ class Backend:
         self.family: Family = detect(model, ATTN_NAME)
         self.decoder = self.family.decoder
         self.policy_index = torch.zeros((), dtype=torch.long)  # read by the compiled graph
+        # what a prompt's compaction keeps: the policy's, or everything before a re-read
+        self.prefill_index = torch.zeros((), dtype=torch.long)
+        self.reread: Reread | None = None  # the running re-read of a prompt
+        self.prompt_embeds: tuple | None = None  # a prompt to re-read: embeddings, modality
         self.policy = policy
         device = next(self.decoder.parameters()).device
         self.kernel = choose_kernel(kernel, device)
@@ -144,6 +149,7 @@ class Backend:
                 f"policy={policy!r}"
             )
         self._check_bound(policy)
+        self._check_reread(policy)
         index = register_policy(policy)
         self._policy = policy
         self.policy_index.fill_(index)
@@ -177,7 +183,10 @@ class Backend:
         self.cache_arg = "cache" if "cache" in self.forward_params else LEGACY_CACHE_ARG
         pre = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         post = model.register_forward_hook(self._after_forward, with_kwargs=True)
-        self._undo += [pre.remove, post.remove]
+        embeds = self.decoder.register_forward_pre_hook(self._capture_prompt, with_kwargs=True)
+        self._undo += [pre.remove, post.remove, embeds.remove]
+        decoder_params = inspect.signature(self.decoder.forward).parameters
+        self.decoder_cache_arg = "cache" if "cache" in decoder_params else LEGACY_CACHE_ARG
         model.generate = functools.wraps(model.generate)(self._generate(model.generate))
         self._undo.append(functools.partial(delattr, model, "generate"))
         prepare = model.prepare_inputs_for_generation
@@ -251,6 +260,24 @@ class Backend:
                 "multi-head latent attention caches a latent the re-prune cannot score"
             )
 
+    def _check_reread(self, policy: Policy) -> None:
+        """A question-agnostic policy re-reads the prompt through the decoder: not on models
+        whose layers share K/V or store a latent, not under a bound."""
+        if policy.reconstruction is None:
+            return
+        why = None
+        if self.family.kv_source:
+            why = "its layers share K/V and compute only the last queries of a later input"
+        elif any(spec.latent for spec in self.layer_specs()):
+            why = "its multi-head latent attention caches a latent the re-read cannot score"
+        elif self.max_cache_tokens is not None:
+            why = "max_cache_tokens re-prunes with the recent queries; use a window policy"
+        if why is not None:
+            raise ValueError(
+                f"{policy!r} scores the prompt by re-reading it, which is not supported for "
+                f"{type(self.model).__name__}: {why}"
+            )
+
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
         """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
         # Compiled flex on CPU (torch 2.13) returns wrong results when the KV length is below
@@ -303,6 +330,11 @@ class Backend:
         cache = kwargs.get(self.cache_arg)
         if isinstance(cache, PrunedCache) and cache.phase == "turn":
             cache.abandon_turn()  # the forward of the last turn raised: the cache is as before
+        if isinstance(cache, PrunedCache) and cache.phase == "reread":
+            raise RuntimeError(
+                "this PrunedCache's prompt failed while being re-read to prune it; it holds an "
+                "unpruned prompt: create a new cache and send the prompt again"
+            )
         if kwargs.get("use_cache") is False:
             cache = kwargs[self.cache_arg] = None
         elif not isinstance(cache, PrunedCache):
@@ -401,8 +433,17 @@ class Backend:
         self.block_masks.clear()
         if cache is None:
             return
-        kept = [self.policy.budget_for(q_len - p).kept for p in pads]
-        cache.start_prefill(kept, param.dtype, param.device, self.starts, pads, q_len)
+        how = self.policy.reconstruction
+        self.prompt_embeds = None
+        if how is None:
+            kept = [self.policy.budget_for(q_len - p).kept for p in pads]
+            self.prefill_index.fill_(self.policy_index)
+        else:  # everything is kept until the prompt is re-read (_after_forward)
+            kept = [q_len - p for p in pads]
+            self.prefill_index.fill_(register_policy(Full()))
+            self.prompt_embeds = ()  # filled by _capture_prompt
+        reread = 0 if how is None else how.chunk + self._separator().shape[1]
+        cache.start_prefill(kept, param.dtype, param.device, self.starts, pads, q_len, reread)
 
     def _make_room(self, cache: PrunedCache, q_len: int) -> None:
         """Room for ``q_len`` new tokens: a full bounded cache is re-pruned (refused when even
@@ -449,7 +490,7 @@ class Backend:
         several, as assisted decoding verifies them), built once per prompt and step size, or
         of a turn (its padding hidden)."""
         q_heads = self.decoder.config.num_attention_heads
-        turn = cache.phase == "turn"
+        turn = cache.phase in ("turn", "reread")
         for layer in cache.pruned:
             window, chunk = layer.spec.sliding_window, self.family.chunks[layer.index]
             key = ("turn" if turn else q_len, layer.index if window or chunk else None)
@@ -467,7 +508,127 @@ class Backend:
             if cache.phase == "turn":  # its masks are its own
                 self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
             cache.advance((ids if ids is not None else embeds).shape[1])
+            if self.prompt_embeds:
+                self._reread(cache)
         return output
+
+    # --- question-agnostic scoring: re-reading the prompt -----------------------------------
+    def _capture_prompt(self, module, args, kwargs):
+        """The decoder's input embeddings of a prompt to re-read (images as the vision tower
+        made them)."""
+        if self.prompt_embeds != () or self.active is None or self.active.phase != "prefill":
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = self.decoder.get_input_embeddings()(ids)
+        self.prompt_embeds = (embeds.detach(), self.is_image)
+        return None
+
+    def _separator(self) -> torch.Tensor:
+        """(1, s, hidden): what precedes each re-read chunk, the model's begin-of-text token
+        (none if it has none)."""
+        embed = self.decoder.get_input_embeddings()
+        bos = getattr(self.decoder.config, "bos_token_id", None)
+        ids = torch.tensor([[] if bos is None else [bos]], dtype=torch.long)
+        return embed(ids.to(embed.weight.device)).detach()
+
+    def _reread(self, cache: PrunedCache) -> None:
+        """Score the prompt the cache holds whole by re-reading it, then prune it in place:
+        chunks of each row's real tokens, after the separator, run through the decoder as a
+        turn that is never kept (each chunk sees the prompt and itself, causally); every
+        layer folds the chunk's attention into its scores (``csp_inductor::reconstruct_scores_``);
+        the policy then selects with them (``csp_inductor::reprune_``)."""
+        embeds, is_image = self.prompt_embeds
+        self.prompt_embeds = None
+        how, policy = self.policy.reconstruction, self.policy
+        batch, length, _ = embeds.shape
+        real = list(cache.rows)
+        sep = self._separator().to(embeds.dtype)
+        scores = {
+            layer.index: torch.zeros(
+                batch, layer.spec.kv_heads, 2, layer.keys.shape[2], device=embeds.device
+            )
+            for layer in cache.pruned
+        }
+        if is_image is None:
+            is_image = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
+        try:
+            for lo in range(0, max(real), how.chunk):
+                chunk = _reread_chunk(embeds, is_image, real, lo, how, sep)
+                self.reread = Reread(scores, chunk.scored, chunk.is_image, policy, how)
+                self._forward_reread(cache, chunk)
+        finally:
+            self.reread, self.active, self.hidden = None, None, None
+            self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
+        kept = [policy.budget_for(n).kept for n in real]
+        target = torch.tensor(kept, dtype=torch.long, device=cache.lengths.device)
+        for layer, scale in zip(cache.pruned, self.scales, strict=True):
+            torch.ops.csp_inductor.reprune_(
+                layer.keys, layer.values, layer.positions, layer.images, None, None, None,
+                cache.lengths, target, self.policy_index, scale, scores[layer.index],
+            )  # fmt: skip
+        cache.finish_reread(kept)
+
+    def _forward_reread(self, cache: PrunedCache, chunk: RereadChunk) -> None:
+        batch, width = chunk.padding.shape
+        slots = cache.lengths[:, None] + torch.arange(width, device=chunk.padding.device)
+        self.hidden = torch.zeros(
+            batch, cache.pruned[0].keys.shape[2], dtype=torch.bool, device=chunk.padding.device
+        ).scatter_(1, slots, chunk.padding)
+        cache.phase, self.active = "reread", cache
+        if self.kernel == "flex":
+            self._build_block_masks(cache, width)
+        positions = (cache.seen + torch.arange(width, device=slots.device)).expand(batch, -1)
+        with torch.no_grad():
+            self.decoder(
+                inputs_embeds=chunk.embeds, position_ids=positions, use_cache=True,
+                **{self.decoder_cache_arg: cache},
+            )  # fmt: skip
+        self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
+
+
+class Reread(NamedTuple):
+    """A running re-read: each layer's scores (b, hkv, 2, capacity) by layer index, and the
+    chunk's scored queries and their modality (b, width)."""
+
+    scores: dict[int, torch.Tensor]
+    scored: torch.Tensor
+    is_image: torch.Tensor
+    policy: Policy
+    how: Reconstruction
+
+
+class RereadChunk(NamedTuple):
+    embeds: torch.Tensor  # (b, width, hidden), left-padded
+    padding: torch.Tensor  # (b, width) bool
+    scored: torch.Tensor  # (b, width) bool: the queries whose attention scores the prompt
+    is_image: torch.Tensor  # (b, width) bool
+
+
+def _reread_chunk(embeds, is_image, real: list[int], lo: int, how, sep) -> RereadChunk:
+    """Row ``b``'s real prompt tokens ``[lo, lo + chunk)`` after the separator, left-padded to
+    the batch's widest (a row with none left is all padding)."""
+    batch, length, hidden = embeds.shape
+    take = [max(0, min(how.chunk, n - lo)) for n in real]
+    width = sep.shape[1] + max(take)
+    device = embeds.device
+    out = embeds.new_zeros(batch, width, hidden)
+    padding = torch.ones(batch, width, dtype=torch.bool, device=device)
+    scored = torch.zeros_like(padding)
+    images = torch.zeros_like(padding)
+    for row, (n, count) in enumerate(zip(real, take, strict=True)):
+        if not count:
+            continue
+        first = length - n + lo  # the row's real tokens end the (left-padded) prompt
+        out[row, width - count :] = embeds[row, first : first + count]
+        out[row, width - count - sep.shape[1] : width - count] = sep[0]
+        padding[row, width - count - sep.shape[1] :] = False
+        images[row, width - count :] = is_image[row, first : first + count]
+        scored[row, width - count :] = True
+    if how.queries == "text":
+        scored &= ~images
+    return RereadChunk(out, padding, scored, images)
 
 
 def _padding(mask, batch: int, q_len: int, device) -> tuple[torch.Tensor | None, list[int]]:

@@ -400,7 +400,7 @@ def csp_attention(
             _compact(module, cache, layer, query, key, value, scale, cache.lengths, lse)
         return out, None
     layer = cache.layers[source]
-    turn = cache.phase == "turn"
+    turn = cache.phase in ("turn", "reread")  # a re-read chunk attends as a turn does
     block_mask = None
     if backend.kernel == "flex":  # a turn's mask is the turn's, whatever its length
         step = "turn" if turn else query.shape[2]
@@ -412,6 +412,14 @@ def csp_attention(
             block_mask=block_mask, null_logit=backend.null_logit, chunk=chunk, starts=cache.starts,
             hidden=backend.hidden if turn else None,
         )  # fmt: skip
+    if cache.phase == "reread":
+        reread = backend.reread
+        torch.ops.csp_inductor.reconstruct_scores_(
+            reread.scores[index], query, key, layer.images, cache.lengths, backend.hidden,
+            reread.scored, reread.is_image, reread.policy.window_n, scale,
+            reread.how.reduce == "max",
+        )  # fmt: skip
+        return out, None
     if index not in backend.family.kv_source:
         padding, is_image = (backend.key_padding, backend.is_image) if turn else (None, None)
         _remember(cache, layer, query, padding, is_image)
@@ -430,8 +438,9 @@ def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, tur
     if layer.spec.latent:
         query, score_key = absorb(module, query, key, value)
     start, offset = (cache.lengths, cache.seen) if turn else (None, None)
+    index = backend.policy_index if turn else backend.prefill_index
     torch.ops.csp_inductor.compact_(
         query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
-        layer.positions, kept, backend.policy_index, scale, score_key, lse, start, offset,
+        layer.positions, kept, index, scale, score_key, lse, start, offset,
         layer.images,
     )  # fmt: skip

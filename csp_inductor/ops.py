@@ -286,12 +286,14 @@ def reprune_op(
     kept: Tensor,
     policy: Tensor,
     scale: float,
+    scores: Tensor | None = None,
 ) -> None:
     """Prune one layer's held tokens again, in place: the policy ranks the ``lengths[b]``
     stored tokens of row ``b`` as it ranks a prompt, with the remembered recent queries
     (``queries`` (b, hq, W, d) at ``ring_positions`` (b, W), -1 none; None for a policy that
-    scores without queries) as its scoring window, and the ``kept[b]`` it keeps are compacted
-    to the front, in order.
+    scores without queries) as its scoring window, or with ``scores`` (b, hkv, 2, capacity)
+    per slot computed already (a re-reading's, :func:`reconstruct_scores_op`), and the
+    ``kept[b]`` it keeps are compacted to the front, in order.
 
     Each KV head holds its own tokens, so the scores are computed here per head (the query
     sees the stored tokens at or before its position; split self/cross by the query's and the
@@ -304,8 +306,9 @@ def reprune_op(
     shift = capacity - lengths  # frame position j holds slot j - shift[b]
     order = (slots - shift[:, None]) % capacity  # (b, capacity)
     padding = slots[None, :] < shift[:, None]
-    scores = None
-    if chosen.window_n is not None:
+    if scores is not None:
+        scores = scores.gather(3, order[:, None, None, :].expand_as(scores))
+    elif chosen.window_n is not None:
         # each row's window: its policy's window for the tokens it holds, the newest queries
         own = [chosen.budget_for(n).window for n in lengths.tolist()]
         newest = ring_positions.amax(dim=1, keepdim=True)
@@ -342,6 +345,67 @@ def reprune_op(
 
 @reprune_op.register_fake
 def _(keys, values, positions, images, queries, ring_positions, ring_images, lengths, *_):
+    return None
+
+
+@torch.library.custom_op("csp_inductor::reconstruct_scores_", mutates_args=("scores_out",))
+def reconstruct_scores_op(
+    scores_out: Tensor,
+    query: Tensor,
+    keys: Tensor,
+    images: Tensor,
+    lengths: Tensor,
+    hidden: Tensor | None,
+    scored: Tensor,
+    is_image: Tensor,
+    n: float,
+    scale: float,
+    reduce_max: bool,
+    rows: int = 64,
+) -> None:
+    """Fold one re-read chunk's attention into the held tokens' scores, in place.
+
+    query (b, hq, t, d): the chunk's queries, its tokens written at slots ``lengths[b] +
+    [0, t)`` of keys (b, hkv, capacity, d); query ``i`` sees every held slot
+    (``< lengths[b]``) and the chunk's slots up to its own, except ``hidden`` (b, capacity)
+    ones (padding). The n-softmax over what it sees gives each held slot a probability; the
+    ``scored`` (b, t) queries' probabilities are reduced over queries and the query heads of
+    each KV head (max, or sum), separately by whether query (``is_image`` (b, t)) and held
+    token (``images`` (b, hkv, capacity)) share a modality, and folded into ``scores_out``
+    (b, hkv, 2, capacity) fp32 [self, cross] the same way (max, or add). ``rows`` queries at
+    a time: no (t, capacity) tensor per head group is larger than ``rows × capacity``."""
+    b, heads, capacity, dim = keys.shape
+    t, group = query.shape[2], query.shape[1] // heads
+    slots = torch.arange(capacity, device=keys.device)
+    held = slots[None, :] < lengths[:, None]  # (b, capacity)
+    offset = slots[None, :] - lengths[:, None]  # a chunk slot's step, negative for held ones
+    if hidden is not None:
+        offset = offset.masked_fill(hidden, t)  # never seen
+    fold = torch.maximum if reduce_max else torch.add
+    reduce = (lambda x: x.amax(dim=(2, 3))) if reduce_max else (lambda x: x.sum(dim=(2, 3)))
+    by_image, by_text = torch.zeros_like(scores_out[:, :, 0]), torch.zeros_like(scores_out[:, :, 0])
+    for lo in range(0, t, rows):
+        hi = min(t, lo + rows)
+        q = query[:, :, lo:hi].float().view(b, heads, group, hi - lo, dim)
+        logits = torch.einsum("bhgrd,bhcd->bhgrc", q, keys.float()) * scale
+        steps = torch.arange(lo, hi, device=keys.device)
+        step = offset[:, None, :]  # (b, 1, capacity)
+        sees = held[:, None, :] | ((step >= 0) & (step <= steps[:, None]))
+        probs = n_softmax_torch(logits.masked_fill(~sees[:, None, None], -math.inf), n, dim=-1)
+        probs = probs * held[:, None, None, None, :]
+        counted = scored[:, lo:hi]
+        visual = (counted & is_image[:, lo:hi])[:, None, None, :, None]
+        textual = (counted & ~is_image[:, lo:hi])[:, None, None, :, None]
+        by_image = fold(by_image, reduce(probs * visual))
+        by_text = fold(by_text, reduce(probs * textual))
+    chunk_scores = torch.stack(
+        [torch.where(images, by_image, by_text), torch.where(images, by_text, by_image)], dim=2
+    )
+    scores_out.copy_(fold(scores_out, chunk_scores))
+
+
+@reconstruct_scores_op.register_fake
+def _(scores_out, query, keys, images, lengths, hidden, scored, is_image, *_):
     return None
 
 

@@ -28,6 +28,8 @@ from .budget import Budget, split_budget
 from .profiling import label
 from .scoring import decomposed_scores
 
+SCORINGS = ("window", "reconstruct")
+
 
 class ScoringWindow(NamedTuple):
     """What a window scorer scores: ``mask`` (batch, W) bool, which of the last ``W`` queries
@@ -81,6 +83,21 @@ class Prompt(NamedTuple):
         return self.q[:, :, self.seq - mask.shape[1] :], mask
 
 
+class Reconstruction(NamedTuple):
+    """How a question-agnostic policy scores a prompt: after the prefill the backend re-feeds
+    the prompt (its own embeddings, images as the same visual embeddings), ``chunk`` tokens at
+    a time after a separator, each chunk attending to the whole prompt and causally to itself,
+    and scores each prompt token by the attention it receives from the re-fed tokens' queries
+    (``queries``: ``"all"`` of them or the ``"text"`` ones), reduced over queries and the query
+    heads of its KV head by ``reduce`` (``"max"`` or ``"sum"``), split self/cross by whether
+    query and key share a modality. The scores reach :meth:`Policy.select` as its
+    ``window_scores``."""
+
+    chunk: int = 256
+    reduce: str = "max"
+    queries: str = "all"
+
+
 def _window_mask(budgets: list[Budget], device) -> Tensor:
     """(batch, W) bool, W the longest window: which of the last W queries are a row's own."""
     width = max(b.window for b in budgets)
@@ -118,6 +135,12 @@ class Policy:
     def budget_for(self, length: int) -> Budget:
         """The budget of one sequence with ``length`` real prompt tokens."""
         raise NotImplementedError
+
+    @property
+    def reconstruction(self) -> Reconstruction | None:
+        """How the prompt is re-read to score it, for a question-agnostic policy (the backend
+        then prefills keeping everything, re-reads, and prunes); None: scored at prefill."""
+        return None
 
     @property
     def window_n(self) -> float | None:
@@ -240,6 +263,10 @@ class CSP(Policy):
         faithful: reproduce the authors' selection quirks (duplicates, cross_ratio <= 0
             meaning quotas (1, 308)).
         recent_bias: the authors' ``kv_recent_bias``: recent kept = int(W * recent_bias).
+        scoring: ``"window"`` (the paper: the prompt's last queries score it, so the question,
+            at the prompt's end, steers what is kept) or ``"reconstruct"`` (question-agnostic:
+            the queries of a re-reading of the prompt score it, :class:`Reconstruction`; a
+            conversation turn is still scored by its window).
     """
 
     name: ClassVar[str] = "csp"
@@ -250,11 +277,14 @@ class CSP(Policy):
     sink_tokens: int = 0
     faithful: bool = False
     recent_bias: float = 1.0
+    scoring: str = "window"
 
     def __post_init__(self) -> None:
         _check_range("budget", self.budget, 0.0, 1.0, lo_open=True)
         _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
         _check_range("cross_ratio", self.cross_ratio, 0.0, 1.0)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got scoring={self.scoring!r}")
         _check_range("recent_bias", self.recent_bias, 0.0, 1.0)
         if not (_real(self.n) and self.n >= 0):
             raise ValueError(f"n must be a finite number >= 0, got n={self.n!r}")
@@ -314,6 +344,10 @@ class CSP(Policy):
     @property
     def window_n(self) -> float:
         return self.n
+
+    @property
+    def reconstruction(self) -> Reconstruction | None:
+        return Reconstruction() if self.scoring == "reconstruct" else None
 
     def _select(self, prompt: Prompt) -> Tensor:
         s_self, s_cross = _window_scores(prompt, self.window_n).unbind(dim=2)
@@ -509,8 +543,63 @@ class KNorm(ScoredPolicy):
         return -prompt.k.float().norm(dim=-1)
 
 
+@dataclass(frozen=True)
+class KVzip(ScoredPolicy):
+    """KVzip (Kim et al., NeurIPS 2025): question-agnostic, each prompt token scored by the
+    most attention any query of a re-reading of the prompt gives it (:class:`Reconstruction`,
+    ordinary softmax, no modality split). Ours keeps the same count in every KV head, as the
+    other policies do (the paper also ranks heads jointly). Where no re-reading runs (a
+    conversation turn) it ranks by the window's attention, the same way."""
+
+    name: ClassVar[str] = "kvzip"
+
+    @property
+    def window_n(self) -> float:
+        return 0.0
+
+    @property
+    def reconstruction(self) -> Reconstruction:
+        return Reconstruction()
+
+    def score(self, prompt: Prompt) -> Tensor:
+        scores = _window_scores(prompt, self.window_n)
+        if prompt.window_scores is None:  # window columns: the most any window query gave
+            return scores.sum(dim=2)
+        return scores.amax(dim=2)
+
+
+@dataclass(frozen=True)
+class Oracle(ScoredPolicy):
+    """An upper bound for benchmarks: keeps given prompt positions first (``positions[b]``,
+    counted from row ``b``'s first real token: the evidence of every question to be asked),
+    then the most recent tokens, within the same budget as every policy."""
+
+    name: ClassVar[str] = "oracle"
+    positions: tuple[tuple[int, ...], ...] = ()
+
+    def score(self, prompt: Prompt) -> Tensor:
+        b, heads, seq = prompt.k.shape[0], prompt.k.shape[1], prompt.seq
+        if len(self.positions) != b:
+            raise ValueError(
+                f"Oracle needs the positions to keep for each of the batch's {b} rows, got "
+                f"positions for {len(self.positions)}"
+            )
+        recency = torch.arange(1, seq + 1, device=prompt.k.device, dtype=torch.float32) / seq
+        score = recency.expand(b, seq).clone()
+        for row, (pad, keep) in enumerate(zip(prompt.pads, self.positions, strict=True)):
+            real = seq - pad
+            if any(not 0 <= p < real for p in keep):
+                raise ValueError(
+                    f"Oracle positions of row {row} must be in [0, {real}) (its real tokens), "
+                    f"got {sorted(keep)}"
+                )
+            score[row, [pad + p for p in keep]] += 1.0
+        return score[:, None].expand(-1, heads, -1)
+
+
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, CSP, H2O, SnapKV, StreamingLLM, LookM, RandomKeep, KNorm)
+    cls.name: cls
+    for cls in (Full, CSP, H2O, SnapKV, StreamingLLM, LookM, RandomKeep, KNorm, KVzip, Oracle)
 }
 
 

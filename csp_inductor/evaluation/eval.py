@@ -1,6 +1,12 @@
 """Evaluation harness: policies × budgets × tasks -> accuracy table, JSON and a plot.
 
     python -m csp_inductor eval --policies full,csp,snapkv --budgets 0.05,0.1,0.2,0.4
+    python -m csp_inductor eval --mode conversation --variant sparse --policies csp,kvzip,oracle
+
+``--mode conversation``: each context is pruned once, before any question, then several
+questions about it are asked in successive turns of one conversation on that cache (every
+answer is read from the pruned context; the turns themselves are kept whole). ``oracle``
+keeps the evidence of every question (an upper bound), ``random`` random tokens (a control).
 
 A policy is given by name with optional dataclass options, e.g. ``csp:n=0``,
 ``csp:cross_ratio=0.9`` or ``csp:faithful=true`` (used for ablations). At every budget the
@@ -23,7 +29,7 @@ from tqdm import tqdm
 from csp_inductor.compile import compile as compile_model
 from csp_inductor.compile import restore
 from csp_inductor.evaluation import haystack as hs
-from csp_inductor.policies import POLICIES, Full, Policy, make_policy
+from csp_inductor.policies import POLICIES, Full, Oracle, Policy, make_policy
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,8 @@ def run_haystack(
     ``question_after``: prefill (and prune) the context alone, then feed the question and
     decode, so pruning cannot see the question and every answer token reads the pruned cache.
     By default the question is part of the prompt: the first answer token then comes from the
-    (never pruned) prefill and only later tokens read the pruned cache.
+    (never pruned) prefill and only later tokens read the pruned cache. An :class:`Oracle`
+    keeps each prompt's evidence.
     """
     stats = RunStats(correct=[None] * len(samples))
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
@@ -128,6 +135,8 @@ def run_haystack(
     with pruning(model, policy, compiled=compiled) as backend:
         for chunk in chunks:
             batch = hs.collate([samples[i] for i in chunk])
+            if isinstance(policy, Oracle):
+                backend.policy = _with_evidence(policy, [samples[i] for i in chunk], question_after)
             if question_after:
                 new = _generate_after_context(model, [samples[i] for i in chunk], 4)
             else:
@@ -139,6 +148,14 @@ def run_haystack(
             for i, ids in zip(chunk, new, strict=True):
                 stats.correct[i] = hs.score(ids, samples[i])
     return stats
+
+
+def _with_evidence(oracle: Oracle, samples: list[hs.Sample], context_only: bool) -> Oracle:
+    """``oracle`` keeping the evidence of ``samples``: of their first question, or of every
+    question and within the context alone (``context_only``)."""
+    if context_only:
+        return replace(oracle, positions=tuple(tuple(s.context_evidence.tolist()) for s in samples))
+    return replace(oracle, positions=tuple(tuple(s.evidence.tolist()) for s in samples))
 
 
 @torch.no_grad()
@@ -182,6 +199,77 @@ def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int
     return out[:, ids.shape[1] :]
 
 
+def run_conversations(
+    model, samples: list[hs.Sample], policy: Policy, *, batch_size: int = 8
+) -> RunStats:
+    """Each sample's context prefilled and pruned by ``policy``, then its questions (the first
+    and the followups) asked one per turn on that cache, each answered greedily; an
+    :class:`Oracle` gets each batch's ``context_evidence``. ``correct`` holds one list of
+    per-question results per sample; the KV counts are the context's, kept and whole."""
+    stats = RunStats(correct=[None] * len(samples))
+    # a batch shares a task and a question count: its turns then have one length
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i in sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids)):
+        groups.setdefault((samples[i].task, 1 + len(samples[i].followups)), []).append(i)
+    chunks = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    with pruning(model, Full()) as backend:
+        for chunk in chunks:
+            batch = [samples[i] for i in chunk]
+            is_oracle = isinstance(policy, Oracle)
+            backend.policy = _with_evidence(policy, batch, True) if is_oracle else policy
+            answers, kept = _converse(model, batch)
+            real = [len(s.input_ids) - hs.question_length(s) for s in batch]
+            per_token = backend.cache.kv_bytes_per_token()
+            stats.kv_bytes += sum(kept) * per_token
+            stats.full_kv_bytes += sum(real) * per_token
+            for i, s, got in zip(chunk, batch, answers, strict=True):
+                expected = [s.answer_ids, *(a for _, a in s.followups)]
+                stats.correct[i] = [
+                    hs.decode(ids) == hs.decode(want)
+                    for ids, want in zip(got, expected, strict=True)
+                ]
+    return stats
+
+
+@torch.no_grad()
+def _converse(model, samples: list[hs.Sample]) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """One batch's conversations: the context pruned by the backend's policy, then one turn per
+    question, kept whole (the previous answer's last token, ``<eos>``, the question). Returns
+    each row's answers (token ids) and its kept context tokens."""
+    backend = model.csp_backend
+    q = hs.question_length(samples[0])
+    questions = [[s.input_ids[-q:], *(fq for fq, _ in s.followups)] for s in samples]
+    answer_len = [len(a) for a in [samples[0].answer_ids, *(a for _, a in samples[0].followups)]]
+    context = hs.collate([replace(s, input_ids=s.input_ids[:-q]) for s in samples])
+    ids, mask = context["input_ids"], context["attention_mask"]
+    cache = backend.new_cache(decode_capacity=sum(q + a + 2 for a in answer_len))
+    model(**context, position_ids=hs.position_ids(mask), **{backend.cache_arg: cache})
+    kept = cache.kept_prompt
+    policy, backend.policy = backend.policy, Full()
+    try:
+        answers: list[list[torch.Tensor]] = [[] for _ in samples]
+        for turn, length in enumerate(answer_len):
+            new = torch.stack([qs[turn] for qs in questions])
+            if turn:  # the previous answer's last token is fed with the turn, then <eos>
+                new = torch.cat([new.new_full((len(samples), 1), hs.EOS_TOKEN_ID), new], dim=1)
+            ids = torch.cat([ids, new], dim=1)
+            mask = torch.cat([mask, mask.new_ones(new.shape)], dim=1)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=False,
+                pad_token_id=hs.PAD_TOKEN_ID, eos_token_id=hs.EOS_TOKEN_ID,
+                **{backend.cache_arg: cache},
+            )  # fmt: skip
+            got = out[:, ids.shape[1] :]
+            short = length - got.shape[1]  # every row ended early
+            got = torch.cat([got, got.new_full((len(samples), short), hs.PAD_TOKEN_ID)], dim=1)
+            for row, tokens in zip(answers, got, strict=True):
+                row.append(tokens)
+            ids, mask = torch.cat([ids, got], dim=1), torch.cat([mask, mask.new_ones(got.shape)], 1)
+    finally:
+        backend.policy = policy
+    return answers, kept
+
+
 def decode_speed(
     model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled: bool | None = None
 ):
@@ -212,21 +300,34 @@ def evaluate_haystack(
     batch_size: int = 8,
     compiled: bool = False,
     question_after: bool = False,
+    mode: str = "standard",
+    fill: float = 0.5,
+    questions: int = 4,
 ) -> list[dict]:
-    data = hs.make_split("test", samples * len(tasks), seed=seed, tasks=tasks)
+    """Accuracy rows per policy × budget × task (and "all"). ``mode="conversation"`` asks up
+    to ``questions`` questions per context (:func:`run_conversations`; accuracy over all of
+    them); ``fill`` is the boards' chance of a non-empty cell (``hs.SPARSE_FILL``: sparse)."""
+    conversation = mode == "conversation"
+    data = hs.make_split(
+        "test", samples * len(tasks), seed=seed, tasks=tasks, fill=fill,
+        num_questions=questions if conversation else 1,
+    )  # fmt: skip
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     results = []
     with pruning(model, Full(), compiled=compiled):  # one backend (and graphs) for all runs
         for spec, budget in tqdm(jobs, desc="eval", unit="run"):
-            stats = run_haystack(
-                model, data, spec.build(budget), batch_size=batch_size,
-                question_after=question_after,
-            )  # fmt: skip
-            for task in tasks:
-                hits = [c for c, s in zip(stats.correct, data, strict=True) if s.task == task]
-                results.append(_row(spec, budget, task, sum(hits) / len(hits), len(hits), stats))
-            total = sum(stats.correct) / len(data)
-            results.append(_row(spec, budget, "all", total, len(data), stats))
+            policy = spec.build(budget)
+            if conversation:
+                stats = run_conversations(model, data, policy, batch_size=batch_size)
+            else:
+                stats = run_haystack(
+                    model, data, policy, batch_size=batch_size, question_after=question_after
+                )
+            hits = [[c] if isinstance(c, bool) else c for c in stats.correct]
+            for task in (*tasks, "all"):
+                mine = [h for h, s in zip(hits, data, strict=True) if task in ("all", s.task)]
+                flat = [c for h in mine for c in h]
+                results.append(_row(spec, budget, task, sum(flat) / len(flat), len(flat), stats))
     return results
 
 
@@ -334,6 +435,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="visualhaystack: prune the context before the question is seen, then ask it",
     )
+    p.add_argument(
+        "--mode",
+        choices=("standard", "conversation"),
+        default="standard",
+        help="visualhaystack: conversation = prune each context once, then ask --questions "
+        "questions about it in successive turns",
+    )
+    p.add_argument("--questions", type=int, default=4, help="conversation: questions per context")
+    p.add_argument(
+        "--variant",
+        choices=("dense", "sparse"),
+        default="dense",
+        help=f"visualhaystack: sparse = boards with {hs.SPARSE_FILL:.0%} of cells non-empty",
+    )
     p.add_argument("--data-dir", help="milebench: the directory holding the datasets")
     p.add_argument("--datasets", default="", help="milebench: comma-separated dataset names")
     p.add_argument("--json", help="write {'results': [...]} here")
@@ -344,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     for b in budgets:
         if not 0 < b <= 1:
             p.error(f"--budgets: every budget must be in (0, 1], got {b}")
+    if args.questions < 1:
+        p.error(f"--questions must be >= 1, got {args.questions}")
+    if args.mode == "conversation" and args.question_after:
+        p.error("--question-after is for --mode standard (a conversation asks after anyway)")
     if args.bench == "milebench":
         if not args.data_dir or not args.datasets:
             p.error("--bench milebench needs --data-dir and --datasets")
@@ -360,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_haystack(
             model, specs, budgets, samples=args.samples, seed=args.seed, tasks=tasks,
             batch_size=args.batch_size, compiled=args.compile, question_after=args.question_after,
+            mode=args.mode, fill=hs.SPARSE_FILL if args.variant == "sparse" else 0.5,
+            questions=args.questions,
         )  # fmt: skip
     print(format_table(results))
     if args.json:

@@ -93,6 +93,9 @@ IMAGE_TOKEN_ID = TOKEN_TO_ID["<image>"]
 BUILTIN_MODEL_PATH = Path(__file__).parents[1] / "assets" / "tiny_llava"
 
 _SPLIT_KEYS = {"train": 0, "test": 1}
+# the sparse variant: most cells empty, as most patches of a photo carry little, so that a
+# small cache can hold everything a question could ask about
+SPARSE_FILL = 0.1
 DEFAULT_NUM_IMAGES = {"train": (2, 40), "test": (8, 40)}
 
 
@@ -182,6 +185,8 @@ class Sample:
     ``focus`` (1 + len(followups),) for each question, the one prompt position its answer is
     read from: the needle cell, the passkey's value, the named image's cell, the changed cell of
     the second image (training supervises retrieval with it; -1: unknown).
+    ``context_evidence`` the context positions (before the first question) that any of the
+    questions reads: what an oracle keeps for a conversation about the context.
     """
 
     task: str
@@ -193,6 +198,7 @@ class Sample:
     prompt: str = field(repr=False, default="")
     followups: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=list)
     focus: torch.Tensor = field(repr=False, default_factory=lambda: torch.tensor([-1]))
+    context_evidence: torch.Tensor = field(repr=False, default_factory=lambda: torch.tensor([]))
 
     @property
     def num_images(self) -> int:
@@ -366,11 +372,16 @@ def make_sample(
         image_pos[cells[-1][0]] + cells[-1][1] if cells else fact_pos[asked[0]] + 2
         for _, _, cells, asked in questions
     ]
+
+    def context_positions(cells: list[tuple[int, int]], fact_ids: list[int]) -> list[int]:
+        out = [name_pos[k] + j for k, _ in cells for j in (0, 1)]
+        out += [image_pos[k] + c for k, c in cells]
+        return out + [p for f in fact_ids for p in range(fact_pos[f], fact_pos[f] + 3)]
+
     first_q, first_a, cells, fact_ids = questions[0]
-    evidence = [name_pos[k] + j for k, _ in cells for j in (0, 1)]
-    evidence += [image_pos[k] + c for k, c in cells]
-    evidence += [p for f in fact_ids for p in range(fact_pos[f], fact_pos[f] + 3)]
+    evidence = context_positions(cells, fact_ids)
     evidence += list(range(len(words), len(words) + len(first_q)))
+    every = sorted({p for _, _, c, f in questions for p in context_positions(c, f)})
     words.extend(first_q)
 
     pixels = np.stack([render(b, n) for b, n in zip(boards, names, strict=True)])
@@ -388,6 +399,7 @@ def make_sample(
             for q, a, _, _ in questions[1:]
         ],
         focus=torch.tensor(focus, dtype=torch.long),
+        context_evidence=torch.tensor(every, dtype=torch.long),
     )
 
 
@@ -403,11 +415,14 @@ def make_split(
     *,
     tasks: Sequence[str] = TASKS,
     num_images: int | tuple[int, int] | None = None,
+    fill: float = 0.5,
+    num_questions: int = 1,
 ) -> list[Sample]:
     """``n`` samples cycling through ``tasks``; train and test draw from disjoint seed streams.
 
     ``num_images`` an int or an inclusive ``(low, high)`` range; default
-    ``DEFAULT_NUM_IMAGES[split]``.
+    ``DEFAULT_NUM_IMAGES[split]``. ``fill`` and ``num_questions`` as in :func:`make_sample`
+    (``SPARSE_FILL``: the sparse variant).
     """
     if split not in _SPLIT_KEYS:
         raise ValueError(f"split={split!r} is unknown; allowed: {tuple(_SPLIT_KEYS)}")
@@ -424,7 +439,11 @@ def make_split(
     for i in range(n):
         s = _sample_seed(split, seed, i)
         k = low + s % (high - low + 1)
-        samples.append(make_sample(tasks[i % len(tasks)], s, num_images=k))
+        samples.append(
+            make_sample(
+                tasks[i % len(tasks)], s, num_images=k, fill=fill, num_questions=num_questions
+            )
+        )
     return samples
 
 
