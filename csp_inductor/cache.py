@@ -248,9 +248,11 @@ class PrunedCache(Cache):
         self.rows = list(kept)
         self.turns[0] = (self.turns[0][0], list(kept))
         capacity = self._capacity(max(kept) + self.decode_capacity)
+        free = torch.arange(capacity, device=self.lengths.device) >= self.lengths[:, None, None]
         for layer in self.pruned:
             for name in ("keys", "values", "positions", "images"):
                 setattr(layer, name, getattr(layer, name)[:, :, :capacity].clone())
+            layer.positions.masked_fill_(free, -1)
             layer.mark_static()
         self._mark_null_slot()
         self.phase = "decode"

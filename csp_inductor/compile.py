@@ -111,7 +111,7 @@ class Backend:
         # what a prompt's compaction keeps: the policy's, or everything before a re-read
         self.prefill_index = torch.zeros((), dtype=torch.long)
         self.reread: Reread | None = None  # the running re-read of a prompt
-        self.prompt_embeds: tuple | None = None  # a prompt to re-read: embeddings, modality
+        self.prompt_embeds: tuple | None = None  # a prompt to re-read: embeddings, …
         self.policy = policy
         device = next(self.decoder.parameters()).device
         self.kernel = choose_kernel(kernel, device)
@@ -434,6 +434,8 @@ class Backend:
         if cache is None:
             return
         how = self.policy.reconstruction
+        if how is not None and all(self.policy.budget_for(q_len - p).keep_all for p in pads):
+            how = None  # nothing to prune, nothing to re-read for
         self.prompt_embeds = None
         if how is None:
             kept = [self.policy.budget_for(q_len - p).kept for p in pads]
@@ -518,11 +520,16 @@ class Backend:
         made them)."""
         if self.prompt_embeds != () or self.active is None or self.active.phase != "prefill":
             return None
-        embeds = kwargs.get("inputs_embeds")
+        embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
         if embeds is None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = self.decoder.get_input_embeddings()(ids)
-        self.prompt_embeds = (embeds.detach(), self.is_image)
+        batch, length = embeds.shape[:2]
+        if positions is None:  # each row's next position (M-RoPE: past every axis)
+            after = torch.full((batch,), length, device=embeds.device)
+        else:
+            after = positions.reshape(-1, batch, positions.shape[-1]).amax(dim=(0, 2)) + 1
+        self.prompt_embeds = (embeds.detach(), self.is_image, after)
         return None
 
     def _separator(self) -> torch.Tensor:
@@ -539,7 +546,7 @@ class Backend:
         turn that is never kept (each chunk sees the prompt and itself, causally); every
         layer folds the chunk's attention into its scores (``csp_inductor::reconstruct_scores_``);
         the policy then selects with them (``csp_inductor::reprune_``)."""
-        embeds, is_image = self.prompt_embeds
+        embeds, is_image, after = self.prompt_embeds
         self.prompt_embeds = None
         how, policy = self.policy.reconstruction, self.policy
         batch, length, _ = embeds.shape
@@ -557,7 +564,7 @@ class Backend:
             for lo in range(0, max(real), how.chunk):
                 chunk = _reread_chunk(embeds, is_image, real, lo, how, sep)
                 self.reread = Reread(scores, chunk.scored, chunk.is_image, policy, how)
-                self._forward_reread(cache, chunk)
+                self._forward_reread(cache, chunk, after)
         finally:
             self.reread, self.active, self.hidden = None, None, None
             self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
@@ -570,7 +577,9 @@ class Backend:
             )  # fmt: skip
         cache.finish_reread(kept)
 
-    def _forward_reread(self, cache: PrunedCache, chunk: RereadChunk) -> None:
+    def _forward_reread(self, cache: PrunedCache, chunk: RereadChunk, after) -> None:
+        """One chunk through the decoder; its tokens follow each row's prompt (``after`` (b,),
+        the position after the row's last) as a next turn's would."""
         batch, width = chunk.padding.shape
         slots = cache.lengths[:, None] + torch.arange(width, device=chunk.padding.device)
         self.hidden = torch.zeros(
@@ -579,7 +588,8 @@ class Backend:
         cache.phase, self.active = "reread", cache
         if self.kernel == "flex":
             self._build_block_masks(cache, width)
-        positions = (cache.seen + torch.arange(width, device=slots.device)).expand(batch, -1)
+        steps = torch.arange(width, device=slots.device)
+        positions = after[:, None] + steps - chunk.padding.sum(dim=1, keepdim=True)
         with torch.no_grad():
             self.decoder(
                 inputs_embeds=chunk.embeds, position_ids=positions, use_cache=True,

@@ -29,6 +29,9 @@ from .profiling import label
 from .scoring import decomposed_scores
 
 SCORINGS = ("window", "reconstruct")
+# the recent tokens a question-agnostic policy keeps by default (a fraction of the prompt): it
+# has no question at the prompt's end to keep close (measured: README, conversations)
+REREAD_WINDOW = 0.01
 
 
 class ScoringWindow(NamedTuple):
@@ -256,7 +259,8 @@ class CSP(Policy):
     Args:
         budget: kept fraction of the prompt, in (0, 1].
         window_ratio: scoring window and always-kept recent tokens, as a fraction of the
-            prompt, in (0, budget].
+            prompt, in (0, budget]; default 0.1, or ``REREAD_WINDOW`` (recent tokens only)
+            with ``scoring="reconstruct"``.
         cross_ratio: share of the score-ranked tokens chosen by the cross-modality score.
         n: the n-softmax parameter used for ranking (0 = ordinary softmax).
         sink_tokens: first real tokens always kept, taken out of the self quota.
@@ -271,7 +275,7 @@ class CSP(Policy):
 
     name: ClassVar[str] = "csp"
     budget: float = 0.2
-    window_ratio: float = 0.1
+    window_ratio: float | None = None
     cross_ratio: float = 0.5
     n: float = 1.0
     sink_tokens: int = 0
@@ -280,11 +284,14 @@ class CSP(Policy):
     scoring: str = "window"
 
     def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got scoring={self.scoring!r}")
+        if self.window_ratio is None:
+            default = 0.1 if self.scoring == "window" else REREAD_WINDOW
+            object.__setattr__(self, "window_ratio", default)
         _check_range("budget", self.budget, 0.0, 1.0, lo_open=True)
         _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
         _check_range("cross_ratio", self.cross_ratio, 0.0, 1.0)
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got scoring={self.scoring!r}")
         _check_range("recent_bias", self.recent_bias, 0.0, 1.0)
         if not (_real(self.n) and self.n >= 0):
             raise ValueError(f"n must be a finite number >= 0, got n={self.n!r}")
@@ -549,9 +556,11 @@ class KVzip(ScoredPolicy):
     most attention any query of a re-reading of the prompt gives it (:class:`Reconstruction`,
     ordinary softmax, no modality split). Ours keeps the same count in every KV head, as the
     other policies do (the paper also ranks heads jointly). Where no re-reading runs (a
-    conversation turn) it ranks by the window's attention, the same way."""
+    conversation turn) it ranks by the window's attention, the same way. Having no question
+    to read, it keeps few recent tokens by default (``window_ratio``)."""
 
     name: ClassVar[str] = "kvzip"
+    window_ratio: float = REREAD_WINDOW
 
     @property
     def window_n(self) -> float:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from csp_inductor import CSP, Full, SnapKV
 from csp_inductor.__main__ import main
@@ -86,3 +87,75 @@ def test_evaluation_modules_keep_their_old_names():
     )
     assert run.returncode == 0, run.stderr
     assert "--out" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    from csp_inductor.evaluation import haystack as hs
+
+    data = hs.make_split("test", 8, seed=5, fill=hs.SPARSE_FILL, num_questions=3)
+    return hs.load_builtin_model(), data
+
+
+def test_conversation_answers_equal_one_forward_over_the_history(conversations):
+    """With a full cache, every turn's answer is what the unmodified model predicts over the
+    whole conversation in one forward (the turn machinery adds nothing), and it is right."""
+    from csp_inductor.evaluation import haystack as hs
+    from csp_inductor.evaluation.eval import _converse, pruning
+
+    model, data = conversations
+    sample = next(s for s in data if s.task == "comparison")
+    with pruning(model, Full()):
+        answers, kept = _converse(model, [sample])
+    q = hs.question_length(sample)
+    assert kept == [len(sample.input_ids) - q]
+    history, spans = [sample.input_ids[:-q]], []
+    questions = [sample.input_ids[-q:], *(fq for fq, _ in sample.followups)]
+    for turn, (question, answer) in enumerate(zip(questions, answers[0], strict=True)):
+        if turn:
+            history.append(torch.tensor([hs.EOS_TOKEN_ID]))
+        history.append(question)
+        start = sum(map(len, history))
+        spans.append((start, len(answer)))
+        history.append(answer)
+    ids = torch.cat(history)[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=sample.pixel_values).logits[0]
+    for (start, length), answer in zip(spans, answers[0], strict=True):
+        assert logits[start - 1 : start - 1 + length].argmax(-1).tolist() == answer.tolist()
+    expected = [sample.answer_ids, *(a for _, a in sample.followups)]
+    assert [a.tolist() for a in answers[0]] == [e.tolist() for e in expected]
+
+
+def test_conversation_mode_bounds(conversations):
+    from csp_inductor import Oracle, RandomKeep
+    from csp_inductor.evaluation.eval import run_conversations
+
+    model, data = conversations
+    full = run_conversations(model, data, Full(), batch_size=3)
+    assert [len(c) for c in full.correct] == [1 + len(s.followups) for s in data]
+    asked = sum(len(c) for c in full.correct)
+    assert sum(map(sum, full.correct)) >= 0.9 * asked
+    oracle = run_conversations(model, data, Oracle(budget=0.2, window_ratio=0.02), batch_size=3)
+    assert sum(map(sum, oracle.correct)) >= 0.9 * asked
+    assert 0.15 < oracle.kv_bytes / oracle.full_kv_bytes < 0.21
+    random = run_conversations(model, data, RandomKeep(budget=0.2), batch_size=3)
+    assert sum(map(sum, random.correct)) < sum(map(sum, oracle.correct))
+
+
+def test_cli_conversation_mode(tmp_path):
+    out = tmp_path / "conversation.json"
+    code = main(
+        ["eval", "--mode", "conversation", "--variant", "sparse", "--samples", "1",
+         "--questions", "2", "--policies", "full,oracle,kvzip", "--budgets", "0.2",
+         "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["mode"] == "conversation"
+    rows = {(r["policy"], r["task"]): r for r in report["results"]}
+    assert rows[("full", "text_needle")]["n"] == 1  # one passkey: one question
+    assert rows[("kvzip", "image_needle")]["n"] == 2
+    assert rows[("oracle", "all")]["kv_fraction"] < 0.25
+    with pytest.raises(SystemExit):
+        main(["eval", "--mode", "conversation", "--question-after"])

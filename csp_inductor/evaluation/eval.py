@@ -11,7 +11,9 @@ keeps the evidence of every question (an upper bound), ``random`` random tokens 
 A policy is given by name with optional dataclass options, e.g. ``csp:n=0``,
 ``csp:cross_ratio=0.9`` or ``csp:faithful=true`` (used for ablations). At every budget the
 scoring window is ``min(0.1, budget / 2)`` of the prompt (the paper's 0.1 at the default 0.2),
-the same for every policy. ``full`` ignores the budget and is evaluated once.
+the same for every policy that scores with a window; question-agnostic policies (``kvzip``,
+``csp:scoring=reconstruct``) keep ``min(REREAD_WINDOW, budget / 2)`` recent tokens instead.
+``full`` ignores the budget and is evaluated once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from csp_inductor.compile import compile as compile_model
 from csp_inductor.compile import restore
 from csp_inductor.evaluation import haystack as hs
-from csp_inductor.policies import POLICIES, Full, Oracle, Policy, make_policy
+from csp_inductor.policies import POLICIES, REREAD_WINDOW, Full, Oracle, Policy, make_policy
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,10 @@ class PolicySpec:
         if self.name == "full":
             return Full()
         options = {"budget": budget, "window_ratio": min(0.1, budget / 2), **dict(self.options)}
-        return make_policy(self.name, **options)
+        policy = make_policy(self.name, **options)
+        if policy.reconstruction is not None and "window_ratio" not in dict(self.options):
+            policy = replace(policy, window_ratio=min(REREAD_WINDOW, budget / 2))
+        return policy
 
 
 def _literal(value: str) -> object:
