@@ -224,3 +224,20 @@ def test_reread_is_refused_where_it_cannot_run():
         CSP(scoring="question")
     assert KVzip().window_ratio == CSP(scoring="reconstruct").window_ratio == 0.01
     assert CSP().window_ratio == 0.1
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "llama"])
+def test_flex_reread_keeps_what_sdpa_keeps(family):
+    policy = CSP(budget=0.3, window_ratio=0.05, scoring="reconstruct")
+    kept = {}
+    for kernel in ("sdpa", "flex"):
+        model = tiny_model(family)
+        inputs = tiny_inputs(model, family, batch=2, seed=1, pads=[0, 3])
+        csp_inductor.compile(model, policy, compile=False, kernel=kernel)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        cache = model.csp_backend.cache
+        assert all(k < n for k, n in zip(cache.kept_prompt, cache.turns[0][0], strict=True))
+        kept[kernel] = [layer.positions[:, :, : min(cache.kept_prompt)] for layer in cache.pruned]
+    for got, want in zip(kept["flex"], kept["sdpa"], strict=True):
+        assert torch.equal(got, want)
