@@ -320,6 +320,8 @@ class PrunedCache(Cache):
             layer.keys = torch.nn.functional.pad(layer.keys, pad)
             layer.values = torch.nn.functional.pad(layer.values, pad)
             layer.positions = torch.nn.functional.pad(layer.positions, (0, extra), value=-1)
+            if layer.images is not None:  # a re-read prompt's modality
+                layer.images = torch.nn.functional.pad(layer.images, (0, extra), value=False)
             if self.null_slot:  # the old null slot becomes an ordinary free slot
                 layer.positions[..., -extra - 1] = -1
             layer.mark_static()

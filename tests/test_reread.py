@@ -241,3 +241,25 @@ def test_flex_reread_keeps_what_sdpa_keeps(family):
         kept[kernel] = [layer.positions[:, :, : min(cache.kept_prompt)] for layer in cache.pruned]
     for got, want in zip(kept["flex"], kept["sdpa"], strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_conversation_continues_a_reread_cache_past_its_room():
+    """The re-read prompt's cache gives its buffers back, then grows for a long turn."""
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", batch=2, seed=2, pads=[0, 4])
+    csp_inductor.compile(model, CSP(0.3, window_ratio=0.05, scoring="reconstruct"), compile=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        cache = model.csp_backend.cache
+        room = cache.room()
+        turn = torch.randint(3, 90, (2, room + 20), generator=torch.Generator().manual_seed(0))
+        ids = torch.cat([out, turn], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, ids.shape[1] - 98)], dim=1)
+        again = model.generate(
+            input_ids=ids, attention_mask=mask.long(), past_key_values=cache, max_new_tokens=2,
+            do_sample=False,
+        )  # fmt: skip
+    assert again.shape[1] == ids.shape[1] + 2
+    assert (
+        len(cache.turns) == 2 and cache.pruned[0].images.shape[2] == cache.pruned[0].keys.shape[2]
+    )
