@@ -33,11 +33,11 @@ $(FLOOR_VENV)/.installed: pyproject.toml
 	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[test]" $(FLOOR_TRANSFORMERS)
 	touch $@
 
-# the backend, conversations, the bound and the family matrix (eagerly; compiled: two
+# the backend, conversations, the bound, the re-read and the family matrix (eagerly; compiled: two
 # families) on the floor
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -m pytest tests/test_backend.py tests/test_families.py \
-		tests/test_conversation.py tests/test_bounded.py \
+		tests/test_conversation.py tests/test_bounded.py tests/test_reread.py \
 		tests/test_family_matrix.py -k "not compiled_is_exact or llava or gemma3"
 
 lint: setup

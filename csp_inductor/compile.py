@@ -111,7 +111,8 @@ class Backend:
         # what a prompt's compaction keeps: the policy's, or everything before a re-read
         self.prefill_index = torch.zeros((), dtype=torch.long)
         self.reread: Reread | None = None  # the running re-read of a prompt
-        self.prompt_embeds: tuple | None = None  # a prompt to re-read: embeddings, …
+        self.reread_next = False  # the running prompt is to be re-read after its forward
+        self.prompt_embeds: tuple | None = None  # its embeddings, modality, next positions
         self.policy = policy
         device = next(self.decoder.parameters()).device
         self.kernel = choose_kernel(kernel, device)
@@ -431,19 +432,19 @@ class Backend:
         self.key_padding, pads = _padding(mask, batch, q_len, param.device)
         self.starts = leading_padding(self.key_padding)  # where each row's chunks start
         self.block_masks.clear()
+        self.reread_next, self.prompt_embeds = False, None
         if cache is None:
             return
         how = self.policy.reconstruction
         if how is not None and all(self.policy.budget_for(q_len - p).keep_all for p in pads):
             how = None  # nothing to prune, nothing to re-read for
-        self.prompt_embeds = None
         if how is None:
             kept = [self.policy.budget_for(q_len - p).kept for p in pads]
             self.prefill_index.fill_(self.policy_index)
         else:  # everything is kept until the prompt is re-read (_after_forward)
             kept = [q_len - p for p in pads]
             self.prefill_index.fill_(register_policy(Full()))
-            self.prompt_embeds = ()  # filled by _capture_prompt
+            self.reread_next = True
         reread = 0 if how is None else how.chunk + self._separator().shape[1]
         cache.start_prefill(kept, param.dtype, param.device, self.starts, pads, q_len, reread)
 
@@ -510,7 +511,13 @@ class Backend:
             if cache.phase == "turn":  # its masks are its own
                 self.block_masks = {k: m for k, m in self.block_masks.items() if k[0] != "turn"}
             cache.advance((ids if ids is not None else embeds).shape[1])
-            if self.prompt_embeds:
+            if self.reread_next:
+                self.reread_next = False
+                if self.prompt_embeds is None:
+                    raise RuntimeError(
+                        f"csp_inductor did not see the decoder's input embeddings of the prompt "
+                        f"of {type(self.model).__name__}, which {self.policy!r} re-reads"
+                    )
                 self._reread(cache)
         return output
 
@@ -518,7 +525,8 @@ class Backend:
     def _capture_prompt(self, module, args, kwargs):
         """The decoder's input embeddings of a prompt to re-read (images as the vision tower
         made them)."""
-        if self.prompt_embeds != () or self.active is None or self.active.phase != "prefill":
+        cache = self.active
+        if not self.reread_next or self.prompt_embeds is not None or cache.phase != "prefill":
             return None
         embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
         if embeds is None:
