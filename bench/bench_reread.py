@@ -4,14 +4,14 @@ The model is :func:`csp_inductor.profiling.long_context_llava` (random weights, 
 ``CSP_BENCH_REREAD_MODEL``, default ``512,4,8,8``: hidden, layers, heads, KV heads), compiled
 once by ``csp_inductor.compile``; the prompt is image-heavy
 (:func:`csp_inductor.profiling.image_heavy_prompt`), ``CSP_BENCH_REREAD_CONTEXTS`` tokens
-(default 4096,8192). Timed: one forward of the prompt into a new cache (the prefill, its
+(default 2048,4096). Timed: one forward of the prompt into a new cache (the prefill, its
 scoring and compaction, and for the question-agnostic policies the re-read and the pruning of
 the held prompt). Providers, on one backend (its policy switched, not recompiled), alternated
 round by round: ``full`` (``Full()``: the prefill alone, nothing scored), ``csp``
 (``CSP(0.2)``: window scoring), ``csp_reconstruct`` (``CSP(0.2, scoring="reconstruct")``) and
 ``kvzip`` (``KVzip(0.2)``). Each row records the median per-round ratio of every provider to
 ``full`` (``vs_full``); ``reread_fraction`` = ``csp_reconstruct`` / ``full`` − 1, the re-read's
-cost as a fraction of the prefill. ``CSP_BENCH_REREAD_ROUNDS`` (default 3) rounds.
+cost as a fraction of the prefill. ``CSP_BENCH_REREAD_ROUNDS`` (default 2) rounds.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from csp_inductor import CSP, Full, KVzip
 from csp_inductor.profiling import image_heavy_prompt, long_context_llava
 
 MODEL = tuple(int(x) for x in os.environ.get("CSP_BENCH_REREAD_MODEL", "512,4,8,8").split(","))
-CONTEXTS = env_ints("CSP_BENCH_REREAD_CONTEXTS", "4096,8192")
-ROUNDS = env_int("CSP_BENCH_REREAD_ROUNDS", 3)
+CONTEXTS = env_ints("CSP_BENCH_REREAD_CONTEXTS", "2048,4096")
+ROUNDS = env_int("CSP_BENCH_REREAD_ROUNDS", 2)
 POLICIES = {
     "full": Full(),
     "csp": CSP(budget=0.2),

@@ -112,7 +112,7 @@ class Backend:
         self.prefill_index = torch.zeros((), dtype=torch.long)
         self.reread: Reread | None = None  # the running re-read of a prompt
         self.reread_next = False  # the running prompt is to be re-read after its forward
-        self.prompt_embeds: tuple | None = None  # its embeddings, modality, next positions
+        self.prompt_embeds: tuple | None = None  # its embeddings, modality, padding, next position
         self.policy = policy
         device = next(self.decoder.parameters()).device
         self.kernel = choose_kernel(kernel, device)
@@ -533,11 +533,14 @@ class Backend:
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = self.decoder.get_input_embeddings()(ids)
         batch, length = embeds.shape[:2]
-        if positions is None:  # each row's next position (M-RoPE: past every axis)
-            after = torch.full((batch,), length, device=embeds.device)
-        else:
-            after = positions.reshape(-1, batch, positions.shape[-1]).amax(dim=(0, 2)) + 1
-        self.prompt_embeds = (embeds.detach(), self.is_image, after)
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device).expand(batch, -1)
+        # each row's next position: past its last real token's (M-RoPE: on every axis)
+        positions = positions.reshape(-1, batch, length)
+        if self.key_padding is not None:
+            positions = positions.masked_fill(self.key_padding, -1)
+        after = positions.amax(dim=(0, 2)) + 1
+        self.prompt_embeds = (embeds.detach(), self.is_image, self.key_padding, after)
         return None
 
     def _separator(self) -> torch.Tensor:
@@ -554,23 +557,23 @@ class Backend:
         turn that is never kept (each chunk sees the prompt and itself, causally); every
         layer folds the chunk's attention into its scores (``csp_inductor::reconstruct_scores_``);
         the policy then selects with them (``csp_inductor::reprune_``)."""
-        embeds, is_image, after = self.prompt_embeds
+        embeds, is_image, padding, after = self.prompt_embeds
         self.prompt_embeds = None
         how, policy = self.policy.reconstruction, self.policy
         batch, length, _ = embeds.shape
         real = list(cache.rows)
         sep = self._separator().to(embeds.dtype)
+        everything = torch.arange(length, device=embeds.device)
+        tokens = [everything] * batch if padding is None else [everything[~row] for row in padding]
         scores = {
             layer.index: torch.zeros(
                 batch, layer.spec.kv_heads, 2, layer.keys.shape[2], device=embeds.device
             )
             for layer in cache.pruned
         }
-        if is_image is None:
-            is_image = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
         try:
             for lo in range(0, max(real), how.chunk):
-                chunk = _reread_chunk(embeds, is_image, real, lo, how, sep)
+                chunk = _reread_chunk(embeds, is_image, tokens, lo, how, sep)
                 self.reread = Reread(scores, chunk.scored, chunk.is_image, policy, how)
                 self._forward_reread(cache, chunk, after)
         finally:
@@ -624,25 +627,26 @@ class RereadChunk(NamedTuple):
     is_image: torch.Tensor  # (b, width) bool
 
 
-def _reread_chunk(embeds, is_image, real: list[int], lo: int, how, sep) -> RereadChunk:
-    """Row ``b``'s real prompt tokens ``[lo, lo + chunk)`` after the separator, left-padded to
-    the batch's widest (a row with none left is all padding)."""
-    batch, length, hidden = embeds.shape
-    take = [max(0, min(how.chunk, n - lo)) for n in real]
+def _reread_chunk(embeds, is_image, tokens: list, lo: int, how, sep) -> RereadChunk:
+    """Row ``b``'s real prompt tokens ``tokens[b][lo : lo + chunk]`` (positions in the
+    prompt) after the separator, left-padded to the batch's widest (a row with none left is
+    all padding)."""
+    batch, _, hidden = embeds.shape
+    take = [max(0, min(how.chunk, len(row) - lo)) for row in tokens]
     width = sep.shape[1] + max(take)
     device = embeds.device
     out = embeds.new_zeros(batch, width, hidden)
     padding = torch.ones(batch, width, dtype=torch.bool, device=device)
     scored = torch.zeros_like(padding)
     images = torch.zeros_like(padding)
-    for row, (n, count) in enumerate(zip(real, take, strict=True)):
+    for row, count in enumerate(take):
         if not count:
             continue
-        first = length - n + lo  # the row's real tokens end the (left-padded) prompt
-        out[row, width - count :] = embeds[row, first : first + count]
+        picked = tokens[row][lo : lo + count]
+        out[row, width - count :] = embeds[row, picked]
         out[row, width - count - sep.shape[1] : width - count] = sep[0]
         padding[row, width - count - sep.shape[1] :] = False
-        images[row, width - count :] = is_image[row, first : first + count]
+        images[row, width - count :] = is_image[row, picked]
         scored[row, width - count :] = True
     if how.queries == "text":
         scored &= ~images

@@ -95,20 +95,25 @@ def test_reread_keeps_what_the_reference_keeps(policy):
     assert cache.pruned[0].keys.shape[2] == kept + 8
 
 
-def test_padded_rows_keep_what_they_keep_alone():
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_keep_what_they_keep_alone(side):
     policy = POLICIES[2]
     model = tiny_model("llava")
     csp_inductor.compile(model, policy, compile=False)
     backend = model.csp_backend
     batch = tiny_inputs(model, "llava", batch=2, seed=5, pads=[0, 11])
+    if side == "right":  # row 1's padding moved after its tokens
+        for name in ("input_ids", "attention_mask"):
+            batch[name][1] = batch[name][1].roll(-11)
     cache = backend.new_cache(8)
     with torch.no_grad():
         model(**batch, **{backend.cache_arg: cache})
     images = batch["pixel_values"].shape[0] // 2
-    for row, pad in enumerate([0, 11]):
+    for row in range(2):
+        real = batch["attention_mask"][row].bool()
         alone = {
-            "input_ids": batch["input_ids"][row : row + 1, pad:],
-            "attention_mask": batch["attention_mask"][row : row + 1, pad:],
+            "input_ids": batch["input_ids"][row, real][None],
+            "attention_mask": batch["attention_mask"][row, real][None],
             "pixel_values": batch["pixel_values"][row * images : (row + 1) * images],
         }
         single = backend.new_cache(8)
@@ -116,11 +121,10 @@ def test_padded_rows_keep_what_they_keep_alone():
             model(**alone, **{backend.cache_arg: single})
         kept = single.rows[0]
         assert cache.rows[row] == kept
+        before = int(real.int().argmax())  # stored positions count the padding before a row
         for got, want in zip(cache.pruned, single.pruned, strict=True):
-            # stored positions count the padding
-            assert (got.positions[row, :, :kept] - pad).tolist() == want.positions[
-                0, :, :kept
-            ].tolist()
+            shifted = got.positions[row, :, :kept] - before
+            assert shifted.tolist() == want.positions[0, :, :kept].tolist()
             torch.testing.assert_close(got.values[row, :, :kept], want.values[0, :, :kept])
 
 
