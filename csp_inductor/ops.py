@@ -376,32 +376,47 @@ def reconstruct_scores_op(
     a time: no (t, capacity) tensor per head group is larger than ``rows × capacity``."""
     b, heads, capacity, dim = keys.shape
     t, group = query.shape[2], query.shape[1] // heads
-    slots = torch.arange(capacity, device=keys.device)
-    held = slots[None, :] < lengths[:, None]  # (b, capacity)
-    offset = slots[None, :] - lengths[:, None]  # a chunk slot's step, negative for held ones
+    width = int(lengths.max())  # the held slots of the longest row; the chunk's follow each row's
+    held_keys = keys[:, :, :width].float()
+    steps = torch.arange(t, device=keys.device)
+    chunk_slots = (lengths[:, None] + steps).clamp_max(capacity - 1)  # (b, t)
+    chunk_keys = keys.gather(2, chunk_slots[:, None, :, None].expand(-1, heads, -1, dim)).float()
+    seen_chunk = steps[None, :] <= steps[:, None]  # (query step, chunk step): causal
     if hidden is not None:
-        offset = offset.masked_fill(hidden, t)  # never seen
+        seen_chunk = seen_chunk & ~hidden.gather(1, chunk_slots)[:, None, :]
+    short = bool((lengths < width).any())  # rows holding fewer: their tail slots are not seen
+    held = torch.arange(width, device=keys.device) < lengths[:, None]  # (b, width)
     fold = torch.maximum if reduce_max else torch.add
-    reduce = (lambda x: x.amax(dim=(2, 3))) if reduce_max else (lambda x: x.sum(dim=(2, 3)))
-    by_image, by_text = torch.zeros_like(scores_out[:, :, 0]), torch.zeros_like(scores_out[:, :, 0])
+    by_image = torch.zeros_like(scores_out[:, :, 0, :width])
+    by_text = torch.zeros_like(by_image)
     for lo in range(0, t, rows):
         hi = min(t, lo + rows)
-        q = query[:, :, lo:hi].float().view(b, heads, group, hi - lo, dim)
-        logits = torch.einsum("bhgrd,bhcd->bhgrc", q, keys.float()) * scale
-        steps = torch.arange(lo, hi, device=keys.device)
-        step = offset[:, None, :]  # (b, 1, capacity)
-        sees = held[:, None, :] | ((step >= 0) & (step <= steps[:, None]))
-        probs = n_softmax_torch(logits.masked_fill(~sees[:, None, None], -math.inf), n, dim=-1)
-        probs = probs * held[:, None, None, None, :]
+        q = query[:, :, lo:hi].float().view(b, heads, group, hi - lo, dim) * scale
+        on_held = torch.einsum("bhgrd,bhcd->bhgrc", q, held_keys)
+        if short:
+            on_held.masked_fill_(~held[:, None, None, None, :], -math.inf)
+        on_chunk = torch.einsum("bhgrd,bhcd->bhgrc", q, chunk_keys)
+        on_chunk.masked_fill_(~seen_chunk[:, lo:hi][:, None, None], -math.inf)
+        top = torch.maximum(on_held.amax(dim=-1), on_chunk.amax(dim=-1))  # (b, h, g, r)
+        # n-softmax exp(x) / (n + Σ exp(x)), shifted by each row's top logit
+        total = on_held.sub_(top[..., None]).exp_().sum(dim=-1)
+        total += (on_chunk - top[..., None]).exp().sum(dim=-1) + n * torch.exp(-top)
+        inverse = total.reciprocal()
         counted = scored[:, lo:hi]
-        visual = (counted & is_image[:, lo:hi])[:, None, None, :, None]
-        textual = (counted & ~is_image[:, lo:hi])[:, None, None, :, None]
-        by_image = fold(by_image, reduce(probs * visual))
-        by_text = fold(by_text, reduce(probs * textual))
+        for modality, out in ((is_image[:, lo:hi], by_image), (~is_image[:, lo:hi], by_text)):
+            weight = inverse * (counted & modality)[:, None, None, :].float()  # (b, h, g, r)
+            if reduce_max:
+                chunk_best = (on_held * weight[..., None]).amax(dim=(2, 3))
+            else:
+                chunk_best = torch.einsum("bhgrc,bhgr->bhc", on_held, weight)
+            out.copy_(fold(out, chunk_best))
+    images = images[:, :, :width]
     chunk_scores = torch.stack(
         [torch.where(images, by_image, by_text), torch.where(images, by_text, by_image)], dim=2
     )
-    scores_out.copy_(fold(scores_out, chunk_scores))
+    scores_out[..., :width] = fold(
+        scores_out[..., :width], chunk_scores.masked_fill(~held[:, None, None], 0)
+    )
 
 
 @reconstruct_scores_op.register_fake
