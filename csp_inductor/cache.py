@@ -253,6 +253,8 @@ class PrunedCache(Cache):
             for name in ("keys", "values", "positions", "images"):
                 setattr(layer, name, getattr(layer, name)[:, :, :capacity].clone())
             layer.positions.masked_fill_(free, -1)
+            for buffer in (layer.keys, layer.values):  # the null slot among them: K = V = 0
+                buffer.masked_fill_(free[..., None], 0)
             layer.mark_static()
         self._mark_null_slot()
         self.phase = "decode"

@@ -269,6 +269,8 @@ class Backend:
         why = None
         if self.family.kv_source:
             why = "its layers share K/V and compute only the last queries of a later input"
+        elif self.family.recurrent:
+            why = "its recurrent layers would read the prompt into their state a second time"
         elif any(spec.latent for spec in self.layer_specs()):
             why = "its multi-head latent attention caches a latent the re-read cannot score"
         elif self.max_cache_tokens is not None:
@@ -331,6 +333,7 @@ class Backend:
         cache = kwargs.get(self.cache_arg)
         if isinstance(cache, PrunedCache) and cache.phase == "turn":
             cache.abandon_turn()  # the forward of the last turn raised: the cache is as before
+        self.reread_next, self.prompt_embeds = False, None  # a failed prompt's, if any
         if isinstance(cache, PrunedCache) and cache.phase == "reread":
             raise RuntimeError(
                 "this PrunedCache's prompt failed while being re-read to prune it; it holds an "
@@ -432,7 +435,6 @@ class Backend:
         self.key_padding, pads = _padding(mask, batch, q_len, param.device)
         self.starts = leading_padding(self.key_padding)  # where each row's chunks start
         self.block_masks.clear()
-        self.reread_next, self.prompt_embeds = False, None
         if cache is None:
             return
         how = self.policy.reconstruction
@@ -535,8 +537,11 @@ class Backend:
         batch, length = embeds.shape[:2]
         if positions is None:
             positions = torch.arange(length, device=embeds.device).expand(batch, -1)
-        # each row's next position: past its last real token's (M-RoPE: on every axis)
+        # each row's next position: past its last real token's (M-RoPE: on every axis; the
+        # text row generate puts first, (4, b, L) on Qwen2-VL, is not one of them)
         positions = positions.reshape(-1, batch, length)
+        if positions.shape[0] == 4:
+            positions = positions[1:]
         if self.key_padding is not None:
             positions = positions.masked_fill(self.key_padding, -1)
         after = positions.amax(dim=(0, 2)) + 1

@@ -267,3 +267,39 @@ def test_a_conversation_continues_a_reread_cache_past_its_room():
     assert (
         len(cache.turns) == 2 and cache.pruned[0].images.shape[2] == cache.pruned[0].keys.shape[2]
     )
+
+
+def test_reread_leaves_the_null_slot_empty():
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", seed=4)
+    policy = KVzip(budget=0.3, window_ratio=0.05)
+    csp_inductor.compile(model, policy, compile=False, decode_softmax_n=1.0)
+    with torch.no_grad():
+        model(**inputs, **{model.csp_backend.cache_arg: model.csp_backend.new_cache(8)})
+    for layer in model.csp_backend.cache.pruned:
+        assert not layer.keys[:, :, -1].any() and not layer.values[:, :, -1].any()
+
+
+def test_generate_and_a_forward_reread_alike_on_mrope():
+    """generate passes Qwen2-VL four position rows (text first), a forward three: the chunks
+    follow the same position either way."""
+    policy = CSP(budget=0.3, window_ratio=0.05, scoring="reconstruct")
+    model = tiny_model("qwen2_vl")
+    inputs = tiny_inputs(model, "qwen2_vl", seed=2)
+    csp_inductor.compile(model, policy, compile=False)
+    backend = model.csp_backend
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        by_generate = [layer.positions.clone() for layer in backend.cache.pruned]
+        model(**inputs, **{backend.cache_arg: backend.new_cache(8)})
+    kept = backend.cache.kept_prompt[0]
+    for got, want in zip(backend.cache.pruned, by_generate, strict=True):
+        assert torch.equal(got.positions[:, :, :kept], want[:, :, :kept])
+
+
+def test_recurrent_models_refuse_the_reread():
+    from csp_inductor.testing import tiny_family_model
+
+    model = tiny_family_model("lfm2_vl")
+    with pytest.raises(ValueError, match="recurrent layers would read the prompt"):
+        csp_inductor.compile(model, KVzip(0.2), compile=False)

@@ -109,7 +109,7 @@ def pruning(model, policy: Policy, *, compiled: bool | None = None):
 
 @dataclass
 class RunStats:
-    correct: list[bool]
+    correct: list  # per sample: bool, or (conversations) a bool per question
     kv_bytes: int = 0  # summed over batches: bytes the pruned caches held
     full_kv_bytes: int = 0  # what full caches of the same prompts would hold
 
