@@ -303,6 +303,9 @@ class Backend:
             if use_cache is not False and kwargs.get(self.cache_arg) is None:
                 kwargs[self.cache_arg] = self.new_cache(new)
             self.generate_forwards, self.reserve = 0, new
+            # generate compiles the whole forward on GPUs when the cache is compileable; the
+            # backend compiles the decoder itself, and its hooks run eagerly around it
+            kwargs.setdefault("disable_compile", True)
             try:
                 with _no_cache_implementation(self.model, kwargs):
                     return generate(*args, **kwargs)
