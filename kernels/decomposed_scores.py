@@ -73,17 +73,19 @@ _PASS1_CONFIGS = _configs(
     (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3),
     (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4),
     (32, 32, 4, 2),  # fits fp32 head dims up to 256 on sm_80 (64 KiB)
+    (16, 32, 8, 2), (16, 16, 4, 2),  # fp32 up to head dim 256 without spills (sm_80, sm_90)
 )  # fmt: skip
 _PASS2_CONFIGS = _configs(
     (64, 32, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3),
     (16, 128, 4, 4), (32, 128, 4, 3), (64, 128, 8, 3),
+    (16, 32, 4, 2), (32, 32, 8, 2),  # fp32 up to head dim 256 without spills (sm_80, sm_90)
 )  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
     """The configs a launch may autotune over: on an architecture in the compiled resource table
-    (``aot_resources.json``: sm_80, sm_90) those that compiled within shared memory and, for
-    fp16/bf16, without register spills; elsewhere those whose tiles fit shared memory. Then
+    (``aot_resources.json``: sm_80, sm_90) those that compiled within shared memory and
+    without register spills; elsewhere those whose tiles fit shared memory. Then
     those whose blocks do not exceed the problem (unless none does). Never empty."""
     window, seq = named_args["window"], named_args["seq"]
     q = named_args["q_ptr"]

@@ -6,7 +6,7 @@ writes ``kernels/aot_resources.json``, which the autotune pruning reads. Here:
 - the table was made from the kernels as they are now and covers every case;
 - a sample of it compiles again to the same figures; variants with the flags off pass too;
 - on sm_80/sm_90 the pruning keeps exactly the configs that pass the gate (no compile error,
-  shared memory within the limit, no fp16/bf16 spills), and there is one for every dtype and
+  shared memory within the limit, no register spills), and there is one for every dtype and
   head dim; elsewhere its shared-memory formula never keeps a config that does not fit.
 """
 
