@@ -38,10 +38,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops  # registers csp_inductor::write_decode_
 from .attention import NULL_POSITION
+from .compat import DummyLayer, LinearAttentionLayer, query_length
 
 
 @dataclass(frozen=True)
@@ -127,16 +128,18 @@ class PrunedLayer(CacheLayerMixin):
     def get_seq_length(self) -> Tensor:
         return self.cache.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, queries) -> tuple[int, int]:
         # A prompt attends to itself (not to the buffers, which it fills). After it, the size
         # is the buffers' and the offset the tokens seen: a model's mask function then reads
         # the new tokens at their absolute positions (see integration._check_causal_turn).
         if self.cache.phase in ("empty", "prefill"):
-            return query_length, 0
+            return query_length(queries), 0
         return self.keys.shape[2], self.cache.seen
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.3
 
     def reset(self) -> None:
         for t in (self.keys, self.values, self.images, self.queries):
@@ -364,5 +367,5 @@ class PrunedCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> Tensor:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return self.pruned[0].get_mask_sizes(query_length)  # every pruned layer alike
+    def get_mask_sizes(self, queries, layer_idx: int) -> tuple[int, int]:
+        return self.pruned[0].get_mask_sizes(queries)  # every pruned layer alike

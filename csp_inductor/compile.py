@@ -46,6 +46,7 @@ try:
 except ImportError:  # a transformers without output capturing: nothing to reset
     _output_capturing = None
 
+from . import compat
 from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask, leading_padding
 from .cache import LayerSpec, PrunedCache
 from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
@@ -839,9 +840,12 @@ def _attention_spec(layer: nn.Module, window: int | None) -> LayerSpec:
     """The cache of a decoder layer's self-attention, from its module (layers of one model may
     differ, e.g. Gemma 4's global layers): KV heads and head dim, or an MLA layer's latent."""
     attn = self_attention(layer)
-    if getattr(attn, "kv_lora_rank", None) is not None:
-        return LayerSpec(1, attn.kv_lora_rank, window, value_dim=attn.qk_rope_head_dim, latent=True)
     cfg = attn.config
+    if compat.caches_latent(attn):
+        return LayerSpec(1, attn.kv_lora_rank, window, value_dim=attn.qk_rope_head_dim, latent=True)
+    if getattr(attn, "kv_lora_rank", None) is not None:  # MLA caching per-head K/V
+        heads = cfg.num_attention_heads
+        return LayerSpec(heads, attn.qk_head_dim, window, value_dim=attn.v_head_dim)
     head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     k_proj = getattr(attn, "k_proj", None)
     if isinstance(k_proj, nn.Linear):

@@ -13,9 +13,10 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import Tensor, nn
-from transformers.masking_utils import sdpa_mask
 
+from . import compat
 from .attention import decode_attention, prefill_attention
 from .profiling import label
 
@@ -121,16 +122,13 @@ def _sub_configs(config) -> list[str]:
 def _layer_kinds(text_config) -> tuple[list[str], list[dict]]:
     """transformers' cache layer type of every decoder layer (what its own cache would hold),
     with the per-layer arguments (sliding window, number of states) it would build it with."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    kinds, kwargs = get_layer_types_and_kwargs(text_config)
-    return list(kinds), list(kwargs)
+    return compat.layer_types_and_kwargs(text_config)
 
 
 def _kv_sources(model: nn.Module, text_config) -> dict[int, int]:
     """Layers that reuse another layer's K/V (Gemma 3n/4): consumer -> the last storing layer of
     its type."""
-    modes = getattr(text_config, "kv_sharing_modes", None)
+    modes = compat.kv_sharing_modes(text_config)
     if modes is None:
         return {}
     types, last, sources = list(text_config.layer_types), {}, {}
@@ -182,6 +180,12 @@ def detect(model: nn.Module, attn_name: str) -> Family:
         elif kind == "dummy":  # an MLP/MoE-only layer: nothing cached
             layer_types.append("none")
         elif kind in RECURRENT_TYPES:
+            if compat.LinearAttentionLayer is None:
+                raise _unsupported(
+                    model, f"decoder layer {i} is {kind!r}, whose state this transformers "
+                    f"({transformers.__version__}) keeps in a model-specific cache; recurrent "
+                    "layers need transformers >= 5.3",
+                )  # fmt: skip
             layer_types.append("recurrent")
             states[i] = layer_kwargs[i].get("number_of_states", 1)
         elif kind in ATTENTION_TYPES:
@@ -234,7 +238,7 @@ def _check_latent(model: nn.Module, attn: nn.Module, index: int) -> None:
     latent ``kv_nope`` (batch, 1, seq, kv_lora_rank) and the rotary key ``k_rot`` and expands
     them per head with ``kv_b_proj`` (no bias: a zero latent expands to zero K/V) into
     ``[k_nope, k_rot]`` keys and values."""
-    if getattr(attn, "kv_lora_rank", None) is None:
+    if not compat.caches_latent(attn):  # (transformers < 5.3 caches MLA's per-head K/V)
         return
     missing = [name for name in MLA_ATTRS if getattr(attn, name, None) is None]
     proj = getattr(attn, "kv_b_proj", None)
@@ -277,8 +281,8 @@ def modality(family: Family, input_ids: Tensor | None, token_types: Tensor | Non
 
 def model_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int = 0,
     q_offset=0,
     kv_offset=0,
     mask_function=None,
@@ -296,13 +300,17 @@ def model_mask(
     Decode is told by the sizes the cache reports: the prompt's own length at prefill, the
     buffers' capacity (always more than the new tokens) after it. A conversation turn attends
     causally to the kept prefix and to itself; a model asking for more inside a turn (images
-    attending bidirectionally) is refused (:func:`_check_causal_turn`).
+    attending bidirectionally) is refused (:func:`_check_causal_turn`). transformers < 5.3
+    passes the queries' ``cache_position`` instead of their count and offset.
     """
+    q_length, q_offset, device, allow_is_causal_skip = compat.mask_call(
+        kwargs, q_length, q_offset, device, allow_is_causal_skip
+    )
     if kv_length != q_length and q_length > 1 and not allow_is_causal_skip:
         _check_causal_turn(batch_size, q_length, q_offset, mask_function, device)
     if kv_length != q_length or allow_is_causal_skip:
         return None
-    return sdpa_mask(
+    return compat.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=None,
         allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False), device=device,
@@ -316,7 +324,7 @@ def _check_causal_turn(batch: int, q_length: int, q_offset, mask_function, devic
     compiled decoder); a mask made inside a compiled graph is not checked."""
     if torch.compiler.is_compiling():
         return
-    block = sdpa_mask(
+    block = compat.sdpa_mask(
         batch_size=batch, q_length=q_length, kv_length=q_length, q_offset=q_offset,
         kv_offset=q_offset, mask_function=mask_function, attention_mask=None,
         allow_is_causal_skip=False, use_vmap=True, device=device,

@@ -3,7 +3,9 @@ every policy, the authors' ``softmax_n`` and the authors' dense scoring."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -392,7 +394,8 @@ def tiny_inputs(
         patch = 3 * vision.temporal_patch_size * vision.patch_size**2
         inputs["pixel_values"] = torch.randn(images * t * h * w, patch, generator=gen)
         inputs["image_grid_thw"] = torch.tensor([list(_QWEN_GRID)] * images)
-        inputs["mm_token_type_ids"] = torch.tensor(types)
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            inputs["mm_token_type_ids"] = torch.tensor(types)  # (transformers >= 5.3)
     elif family in ("idefics3", "smolvlm"):
         size = model.config.vision_config.image_size
         shape = (batch, n_images, 3, size, size)
@@ -466,6 +469,13 @@ def _shrunk(config_dict: dict, values: dict) -> dict:
     return {k: (values[k] if k in values and v is not None else v) for k, v in config_dict.items()}
 
 
+def known_model_types(*model_types: str) -> list[str]:
+    """Those of ``model_types`` the installed transformers has (families come and go)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return [model_type for model_type in model_types if model_type in CONFIG_MAPPING_NAMES]
+
+
 def tiny_family_config(model_type: str):
     """A tiny config of ``model_type`` from transformers' defaults: 2 decoder layers (one per
     layer type, in the order the defaults first use them), 64 hidden, GQA 4/2 heads, a
@@ -483,6 +493,8 @@ def tiny_family_config(model_type: str):
         text["layer_types"] = list(dict.fromkeys(types))
     if text.get("kv_lora_rank"):  # MLA expands the latent into one K/V per query head
         text["num_key_value_heads"] = text["num_attention_heads"]
+    if "qk_head_dim" in text:  # derived, and stored by transformers < 5.3
+        text["qk_head_dim"] = text["qk_nope_head_dim"] + text["qk_rope_head_dim"]
     text.update(text_over)
     text["num_hidden_layers"] = len(text["layer_types"]) if types else 2
     if text.get("mlp_layer_types"):  # one dense and one MoE MLP where the defaults have both
@@ -525,7 +537,9 @@ def tiny_family_model(model_type: str, seed: int = 0):
         auto = AutoModelForImageTextToText
     torch.manual_seed(seed)
     model = auto.from_config(tiny_family_config(model_type))
-    model.set_attn_implementation("sdpa")
+    # a sub-model without SDPA keeps its own (BLIP-2's Q-Former, transformers < 5.3)
+    with contextlib.suppress(ValueError):
+        model.set_attn_implementation("sdpa")
     return model.float().eval()
 
 

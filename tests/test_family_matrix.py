@@ -17,13 +17,16 @@ import os
 
 import pytest
 import torch
-from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+import transformers
 
 import csp_inductor
+from csp_inductor import compat
 from csp_inductor.cache import PrunedLayer
+from csp_inductor.compat import DummyLayer, LinearAttentionLayer
 from csp_inductor.testing import (
     assert_same_generation,
     greedy,
+    known_model_types,
     placeholder_inputs,
     tiny_family_model,
 )
@@ -57,8 +60,19 @@ REFUSED = {
 }
 
 
+# Families with recurrent layers, whose state transformers < 5.3 keeps in model-specific caches
+RECURRENT = ("lfm2_vl", "qwen3_5", "qwen3_5_moe")
+
+
 def generate(model, inputs):
     return greedy(model, inputs, NEW_TOKENS)
+
+
+def skip_unless_served(model_type: str) -> None:
+    if not known_model_types(model_type):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    if LinearAttentionLayer is None and model_type in RECURRENT:
+        pytest.skip("recurrent layers need transformers >= 5.3 (refused, tested below)")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,6 +81,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", params=MATRIX)
 def family(request):
     """A tiny model of the family, its inputs and the unmodified model's outputs."""
+    skip_unless_served(request.param)
     model = tiny_family_model(request.param)
     inputs = {
         "b1": placeholder_inputs(model),
@@ -135,9 +150,29 @@ def test_compiled_is_exact_without_recompiling(family):
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
 def test_unsupported_family_is_refused_with_the_reason(model_type):
+    skip_unless_served(model_type)
     model = tiny_family_model(model_type)
     with pytest.raises(
         TypeError, match=f"cannot serve model_type='{model_type}'.*{REFUSED[model_type]}"
     ):
         csp_inductor.compile(model)
     assert getattr(model, "csp_backend", None) is None
+
+
+@pytest.mark.skipif(LinearAttentionLayer is not None, reason="transformers >= 5.3 serves them")
+@pytest.mark.parametrize("model_type", RECURRENT)
+def test_recurrent_layers_are_refused_before_transformers_5_3(model_type):
+    model = tiny_family_model(model_type)
+    with pytest.raises(TypeError, match=r"recurrent layers need transformers >= 5\.3"):
+        csp_inductor.compile(model)
+    assert getattr(model, "csp_backend", None) is None
+
+
+@pytest.mark.skipif(not compat.BEFORE_5_3, reason="transformers >= 5.3 caches the latent")
+def test_mla_caching_per_head_kv_is_served_as_attention():
+    model = tiny_family_model("deepseek_v3")
+    inputs = placeholder_inputs(model, batch=2, pads=PADS)
+    want = generate(model, inputs)
+    csp_inductor.compile(model, csp_inductor.Full(), compile=False)
+    assert not any(spec.latent for spec in model.csp_backend.layer_specs())
+    assert_same_generation(generate(model, inputs), want)

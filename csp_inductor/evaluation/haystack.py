@@ -580,9 +580,17 @@ def build_tokenizer():
 
 def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
     """The shipped tiny LLaVA trained on VisualHaystack (offline, eval mode, fp32)."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
+    tower = model.model.vision_tower
+    if hasattr(tower, "vision_model"):  # transformers < 5.3 nests SigLIP one level deeper
+        weights = load_file(str(Path(path) / "model.safetensors"))
+        prefix = "vision_tower."
+        tower.vision_model.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        )
     return model.eval()
 
 
@@ -592,9 +600,15 @@ def build_processor():
     expanded to ``TOKENS_PER_IMAGE`` placeholders."""
     from transformers import LlavaProcessor
     from transformers.image_utils import PILImageResampling
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    image_processor = LlavaImageProcessorPil(
+    try:
+        from transformers.models.llava.image_processing_pil_llava import (
+            LlavaImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:  # transformers < 5.3: the PIL processor is the default one
+        from transformers import LlavaImageProcessor as ImageProcessor
+
+    image_processor = ImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_center_crop=False,
         resample=PILImageResampling.NEAREST,
