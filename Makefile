@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-compat
 COMPAT_PINS ?= transformers==5.2.0 kvpress==0.5.5
 
-.PHONY: setup demo test test-compat lint bench gpu-check aot
+.PHONY: setup demo test test-compat lint bench bench-peers gpu-check aot
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,13 @@ test-compat: $(COMPAT_VENV)/.installed
 		tests/test_conversation.py tests/test_bounded.py tests/test_reread.py \
 		tests/test_builtin_model.py tests/test_family_matrix.py \
 		-k "not compiled_is_exact or llava or gemma3"
+
+# benchmarks against NVIDIA kvpress, in the environment of test-compat (kvpress needs its
+# transformers): per-token decode with a kvpress provider
+bench-peers: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[bench]" $(COMPAT_PINS) $(TORCH)
+	$(COMPAT_VENV)/bin/python -m pytest bench/bench_tokens.py -p no:cacheprovider \
+		--benchmark-json bench/results/tokens_peers.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -8,13 +8,17 @@ image-heavy prompt of ``CSP_BENCH_TOKENS_CONTEXT`` tokens (default 8192). Provid
 - ``kept``: unmodified transformers decoding from a cache holding as many tokens as CSP keeps
   (the prompt cut to that length). It is the decode step of any method that keeps the same
   count in transformers' own cache and attention, as hook libraries do (kvpress);
+- ``kvpress`` (where NVIDIA kvpress is installed: ``make bench-peers``): unmodified transformers
+  under ``SnapKVPress(compression_ratio=1 - budget)``, kvpress's hooks pruning the prompt in
+  transformers' own cache, as its users run it;
 - ``csp_eager``: ``csp_inductor.compile(model, CSP(budget), compile=False)``;
 - ``csp``: ``csp_inductor.compile(model, CSP(budget))`` (compiled, the default).
 
 Each round runs one ``generate`` of ``CSP_BENCH_TOKENS_NEW`` tokens per provider, in turn; a
 logits processor stamps every token and a round's figure is the median gap between
 consecutive tokens. Reported per provider: the median over rounds (ms/token), the median of the
-per-round ratios to ``kept`` and, for ``csp``, to ``csp_eager``; and the bytes bound: the bytes
+per-round ratios to ``kept`` (and to ``kvpress``) and, for ``csp``, to ``csp_eager``; and the
+bytes bound: the bytes
 a step must read (the decoder's and the LM head's weights, one embedding row, the KV the step
 attends over: the static buffers' capacity for CSP) divided by the read bandwidth this process
 measures (a sum over a 512 MiB tensor, best of 5).
@@ -27,6 +31,7 @@ Sizes: ``CSP_BENCH_TOKENS_MODELS`` ("hidden,layers,heads,kv_heads" list, default
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -38,6 +43,11 @@ from transformers import LogitsProcessorList
 
 import csp_inductor
 from csp_inductor.profiling import image_heavy_prompt, long_context_llava
+
+try:
+    import kvpress
+except ImportError:  # kvpress needs transformers < 5.3: make bench-peers
+    kvpress = None
 
 CONTEXT = env_int("CSP_BENCH_TOKENS_CONTEXT", 8192)
 NEW = env_int("CSP_BENCH_TOKENS_NEW", 32)
@@ -80,14 +90,25 @@ def _kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
 
 
-def _decode_ms(model, inputs) -> float:
+def _decode_ms(model, inputs, press=None) -> float:
     clock = TokenClock()
-    model.generate(
-        **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-        logits_processor=LogitsProcessorList([clock]),
-    )  # fmt: skip
+    with contextlib.nullcontext() if press is None else press(model):
+        model.generate(
+            **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )  # fmt: skip
     gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
     return 1e3 * statistics.median(gaps)
+
+
+def _held_by_press(model, inputs, press) -> int:
+    """Tokens kvpress's cache holds after the prompt and one new token (measured, since its
+    count rounds differently from ours)."""
+    with press(model):
+        out = model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True
+        )
+    return int(out.past_key_values.get_seq_length())
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t or 'default'}")
@@ -104,7 +125,11 @@ def test_decode_per_token(benchmark, shape, threads):
 def _run(benchmark, shape):
     policy = csp_inductor.CSP(budget=BUDGET)
     full = long_context_llava(*shape)
-    models = {"full": full, "kept": full}  # one model, two prompts
+    models = {"full": full, "kept": full}  # one model, two prompts (three with kvpress)
+    presses = {}
+    if kvpress is not None:
+        models["kvpress"] = full
+        presses["kvpress"] = kvpress.SnapKVPress(compression_ratio=1 - BUDGET)
     for name, compiled in (("csp_eager", False), ("csp", True)):
         models[name] = csp_inductor.compile(long_context_llava(*shape), policy, compile=compiled)
     prompt = image_heavy_prompt(full, CONTEXT)
@@ -112,18 +137,20 @@ def _run(benchmark, shape):
     inputs = {name: prompt for name in models}
     inputs["kept"] = image_heavy_prompt(full, kept)
     warm = image_heavy_prompt(full, 1024, seed=1)
-    for model in models.values():  # compilation and first-touch costs out of the rounds
-        _decode_ms(model, warm)
+    for name, model in models.items():  # compilation and first-touch costs out of the rounds
+        _decode_ms(model, warm, presses.get(name))
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(ROUNDS):
         for name, model in models.items():
-            times[name].append(_decode_ms(model, inputs[name]))
+            times[name].append(_decode_ms(model, inputs[name], presses.get(name)))
     bandwidth = read_bandwidth()
     weights, per_token = _weight_bytes(full), _kv_bytes_per_token(full)
     capacity = models["csp"].csp_backend.cache.layers[0].keys.shape[2]
     lengths = {name: int(x["input_ids"].shape[1]) for name, x in inputs.items()}
     kv_tokens = {"full": lengths["full"], "kept": lengths["kept"], "csp_eager": capacity,
                  "csp": capacity}  # fmt: skip
+    if "kvpress" in models:
+        kv_tokens["kvpress"] = _held_by_press(full, prompt, presses["kvpress"])
     result = {}
     for name, ts in times.items():
         read = weights + kv_tokens[name] * per_token
@@ -141,9 +168,16 @@ def _run(benchmark, shape):
     result["csp"]["speedup_vs_eager"] = statistics.median(
         e / c for e, c in zip(times["csp_eager"], times["csp"], strict=True)
     )
+    if "kvpress" in times:
+        for name in ("csp", "csp_eager"):
+            result[name]["speedup_vs_kvpress"] = statistics.median(
+                k / t for k, t in zip(times["kvpress"], times[name], strict=True)
+            )
     record(
         benchmark, provider="csp", providers=result, read_bandwidth=bandwidth,
         threads=torch.get_num_threads(), budget=BUDGET, kept=kept, capacity=capacity,
+        kv_tokens=kv_tokens,
+
         shapes={"model": dict(zip(("hidden", "layers", "heads", "kv_heads"), shape, strict=True)),
                 "context": lengths["full"], "new_tokens": NEW, "dtype": "float32"},
     )  # fmt: skip

@@ -10,6 +10,8 @@ pytest-benchmark timing of each provider is recorded as well.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -69,11 +71,14 @@ def machine() -> dict:
 def versions() -> dict:
     import transformers
 
-    return {
+    found = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        found["kvpress"] = importlib.metadata.version("kvpress")  # a peer (make bench-peers)
+    return found
 
 
 def mem_available() -> int:
