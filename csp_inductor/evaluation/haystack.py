@@ -582,10 +582,21 @@ def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
     """The shipped tiny LLaVA trained on VisualHaystack (offline, eval mode, fp32)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
+    from csp_inductor.compat import BEFORE_5_3
+
+    # transformers < 5.3 nests SigLIP one level deeper: its loading report would list the
+    # vision tower's weights as missing; they are loaded (strictly) below
+    verbosity = logging.get_verbosity()
+    if BEFORE_5_3:
+        logging.set_verbosity_error()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
+    finally:
+        logging.set_verbosity(verbosity)
     tower = model.model.vision_tower
-    if hasattr(tower, "vision_model"):  # transformers < 5.3 nests SigLIP one level deeper
+    if hasattr(tower, "vision_model"):
         weights = load_file(str(Path(path) / "model.safetensors"))
         prefix = "vision_tower."
         tower.vision_model.load_state_dict(
