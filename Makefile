@@ -39,7 +39,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest tests/test_backend.py tests/test_families.py \
 		tests/test_conversation.py tests/test_bounded.py tests/test_reread.py \
-		tests/test_builtin_model.py tests/test_family_matrix.py \
+		tests/test_builtin_model.py tests/test_compat.py tests/test_family_matrix.py \
 		-k "not compiled_is_exact or llava or gemma3"
 
 # benchmarks against NVIDIA kvpress, in the environment of test-compat (kvpress needs its

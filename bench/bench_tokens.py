@@ -102,8 +102,8 @@ def _decode_ms(model, inputs, press=None) -> float:
 
 
 def _held_by_press(model, inputs, press) -> int:
-    """Tokens kvpress's cache holds after the prompt and one new token (measured, since its
-    count rounds differently from ours)."""
+    """Tokens kvpress's cache holds after the prompt (a one-token ``generate`` runs the prefill
+    only); measured, since its count rounds differently from ours."""
     with press(model):
         out = model.generate(
             **inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True

@@ -29,7 +29,8 @@ LinearAttentionLayer = getattr(cache_utils, "LinearAttentionLayer", None)
 
 
 class _NoCacheLayer(cache_utils.CacheLayerMixin):
-    """A decoder layer that caches nothing (an MLP-only layer, or one reading another's K/V)."""
+    """A decoder layer that caches nothing (an MLP-only layer, or one reading another's K/V),
+    as transformers >= 5.3's ``DummyLayer``: nothing to update, every cache operation a no-op."""
 
     is_compileable = True
     is_sliding = False
@@ -42,7 +43,7 @@ class _NoCacheLayer(cache_utils.CacheLayerMixin):
         pass
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        return key_states, value_states
+        raise NotImplementedError("a layer that caches nothing cannot be updated")
 
     def get_seq_length(self, *args) -> int:
         return 0
@@ -51,7 +52,13 @@ class _NoCacheLayer(cache_utils.CacheLayerMixin):
         return 0, 0
 
     def get_max_cache_shape(self) -> int:
-        return 0
+        return -1
+
+    def _nothing(self, *args, **kwargs) -> None:
+        pass
+
+    offload = prefetch = reset = crop = reorder_cache = _nothing
+    batch_repeat_interleave = batch_select_indices = _nothing
 
 
 DummyLayer = getattr(cache_utils, "DummyLayer", _NoCacheLayer)
@@ -73,10 +80,9 @@ def layer_types_and_kwargs(text_config) -> tuple[list[str], list[dict]]:
     window = getattr(text_config, "sliding_window", None) or getattr(
         text_config, "attention_chunk_size", None
     )
-    kinds = getattr(text_config, "layer_types", None) or (
-        ["sliding_attention" if window is not None else "full_attention"]
-        * text_config.num_hidden_layers
-    )
+    chunked = getattr(text_config, "sliding_window", None) is None and window is not None
+    kind = "chunked_attention" if chunked else "sliding_attention" if window else "full_attention"
+    kinds = getattr(text_config, "layer_types", None) or [kind] * text_config.num_hidden_layers
     kinds = ["dummy" if kind in ("moe", "mlp") else kind for kind in kinds]
     windowed = ("sliding_attention", "chunked_attention")
     kwargs = [{"sliding_window": window} if kind in windowed else {} for kind in kinds]
@@ -84,8 +90,9 @@ def layer_types_and_kwargs(text_config) -> tuple[list[str], list[dict]]:
 
 
 def kv_sharing_modes(text_config) -> list[str] | None:
-    """Per layer ``"store"`` or ``"reuse"`` (of the last storing layer of its type's K/V), or
-    None when no layer shares K/V. Before 5.3, Gemma 3n's last ``num_kv_shared_layers`` reuse."""
+    """Per layer ``"store"``, ``"reuse"`` (the last storing layer of its type's K/V) or None
+    (neither), or None when no layer shares K/V. Before 5.3, Gemma 3n's last
+    ``num_kv_shared_layers`` reuse."""
     modes = getattr(text_config, "kv_sharing_modes", None)
     if modes is not None:
         return list(modes)
@@ -114,10 +121,12 @@ def sdpa_mask(*, q_length: int, q_offset, device, **kwargs):
 
 def mask_call(kwargs: dict, q_length, q_offset, device, allow_is_causal_skip: bool):
     """A mask function's queries, device and causal-skip permission, from its arguments in
-    either convention. Before 5.3 a compileable cache never allows the causal skip, and only an
-    extra mask (an overlay of a model's own mask function) asks for ``use_vmap``: that is the
+    either convention. Before 5.3 a compileable cache never allows the causal skip; a mask
+    that is not plain causal is told by an extra mask function (an overlay of the model's own:
+    ``use_vmap``) or by being bidirectional (``allow_is_bidirectional_skip`` passed): the
     signal 5.3+ gives as ``allow_is_causal_skip``."""
     position = kwargs.get("cache_position")
     if position is None:
         return q_length, q_offset, device, allow_is_causal_skip
-    return position.shape[0], position[0], position.device, not kwargs.get("use_vmap", False)
+    plain = not kwargs.get("use_vmap", False) and "allow_is_bidirectional_skip" not in kwargs
+    return position.shape[0], position[0], position.device, plain

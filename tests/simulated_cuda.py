@@ -10,7 +10,9 @@ and the final check of the results.
 So code written for the GPU runs end to end on a CPU-only machine and fails where it would fail
 on the GPU: a tensor created on the CPU and mixed with ``cuda`` ones raises PyTorch's
 "Expected all tensors to be on the same device"; a fake implementation whose shape or dtype
-differs from what the op really returns raises here.
+differs from what the op really returns raises here. Not checked: what a custom op's own body
+does. It runs on the CPU values (its inputs' devices and its fake implementation are checked,
+not the tensors it creates inside), and so takes its CPU branch, not its CUDA one.
 
 A CPU-only PyTorch has no device guard for CUDA, which indexing and other C++ paths construct:
 :func:`register_cuda_device_guard` compiles and loads a no-op one (~2 s).
@@ -42,9 +44,9 @@ _TORCH_NAMESPACES = ("aten", "prims", "prim")
 
 
 def _one_device(func, args) -> None:
-    """A custom op's kernel reads every tensor it is given from one device (a Triton kernel
-    cannot read host memory), as PyTorch's own ops do, but a custom op's fake does not check
-    it. Host scalars (0-dim CPU tensors) are allowed, as PyTorch allows them."""
+    """A custom op's kernel reads every tensor it is given from one device, as PyTorch's own
+    ops do, but a custom op's fake does not check it. 0-dim CPU tensors are allowed: our ops
+    read them on the host (a policy's index), none passes one to a Triton kernel."""
     tensors = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
     devices = {x.device for x in tensors if x.dim() > 0 or x.device.type != "cpu"}
     if len(devices) > 1:

@@ -587,15 +587,21 @@ def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
     from csp_inductor.compat import BEFORE_5_3
 
     # transformers < 5.3 nests SigLIP one level deeper: its loading report would list the
-    # vision tower's weights as missing; they are loaded (strictly) below
+    # vision tower's weights as missing; they are loaded (strictly) below, anything else missing
+    # raises
     verbosity = logging.get_verbosity()
     if BEFORE_5_3:
         logging.set_verbosity_error()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            str(path), local_files_only=True, output_loading_info=True
+        )
     finally:
         logging.set_verbosity(verbosity)
     tower = model.model.vision_tower
+    missing = [k for k in info["missing_keys"] if not k.startswith("model.vision_tower.")]
+    if missing or (info["missing_keys"] and not hasattr(tower, "vision_model")):
+        raise ValueError(f"the built-in model at {path} lacks weights: {info['missing_keys']}")
     if hasattr(tower, "vision_model"):
         weights = load_file(str(Path(path) / "model.safetensors"))
         prefix = "vision_tower."
