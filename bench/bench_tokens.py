@@ -18,10 +18,9 @@ Each round runs one ``generate`` of ``CSP_BENCH_TOKENS_NEW`` tokens per provider
 logits processor stamps every token and a round's figure is the median gap between
 consecutive tokens. Reported per provider: the median over rounds (ms/token), the median of the
 per-round ratios to ``kept`` (and to ``kvpress``) and, for ``csp``, to ``csp_eager``; and the
-bytes bound: the bytes
-a step must read (the decoder's and the LM head's weights, one embedding row, the KV the step
-attends over: the static buffers' capacity for CSP) divided by the read bandwidth this process
-measures (a sum over a 512 MiB tensor, best of 5).
+bytes bound: the bytes a step must read (the decoder's and the LM head's weights, one
+embedding row, the KV the step attends over: the static buffers' capacity for CSP) divided by
+the read bandwidth this process measures (a sum over a 512 MiB tensor, best of 5).
 
 Sizes: ``CSP_BENCH_TOKENS_MODELS`` ("hidden,layers,heads,kv_heads" list, default
 ``512,4,8,8;1024,4,16,4``: an MHA and a GQA shape), ``CSP_BENCH_TOKENS_THREADS`` (default
@@ -177,7 +176,6 @@ def _run(benchmark, shape):
         benchmark, provider="csp", providers=result, read_bandwidth=bandwidth,
         threads=torch.get_num_threads(), budget=BUDGET, kept=kept, capacity=capacity,
         kv_tokens=kv_tokens,
-
         shapes={"model": dict(zip(("hidden", "layers", "heads", "kv_heads"), shape, strict=True)),
                 "context": lengths["full"], "new_tokens": NEW, "dtype": "float32"},
     )  # fmt: skip

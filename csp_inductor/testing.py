@@ -3,7 +3,6 @@ every policy, the authors' ``softmax_n`` and the authors' dense scoring."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import math
@@ -15,6 +14,7 @@ from torch import Tensor
 
 from . import reference
 from .budget import Budget
+from .compat import BEFORE_5_3
 from .integration import PLACEHOLDER_ATTRS
 from .policies import CSP, H2O, KNorm, LookM, Policy, RandomKeep, SnapKV, StreamingLLM
 
@@ -537,9 +537,11 @@ def tiny_family_model(model_type: str, seed: int = 0):
         auto = AutoModelForImageTextToText
     torch.manual_seed(seed)
     model = auto.from_config(tiny_family_config(model_type))
-    # a sub-model without SDPA keeps its own (BLIP-2's Q-Former, transformers < 5.3)
-    with contextlib.suppress(ValueError):
+    try:
         model.set_attn_implementation("sdpa")
+    except ValueError:  # a sub-model without SDPA (BLIP-2's Q-Former) keeps its own, before 5.3
+        if not BEFORE_5_3:
+            raise
     return model.float().eval()
 
 
