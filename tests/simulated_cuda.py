@@ -122,7 +122,8 @@ class SimulatedCuda(FakeTensorMode):
         kwargs = kwargs or {}
         if self._inside:
             return super().__torch_dispatch__(func, types, args, kwargs)
-        if getattr(func, "namespace", "aten") not in _TORCH_NAMESPACES:
+        custom = getattr(func, "namespace", "aten") not in _TORCH_NAMESPACES
+        if custom:
             _one_device(func, (args, kwargs))
         with _disable_current_modes():
             real_out = func(*tree_map(real, args), **tree_map(real, kwargs))
@@ -145,7 +146,6 @@ class SimulatedCuda(FakeTensorMode):
             self._inside = False
         for fake, value in zip(tree_flatten(fake_out)[0], tree_flatten(real_out)[0], strict=True):
             if isinstance(fake, FakeTensor):
-                custom = getattr(func, "namespace", "aten") not in _TORCH_NAMESPACES
                 if (fake.shape, fake.dtype) != (value.shape, value.dtype) or (
                     custom and fake.stride() != value.stride()
                 ):
