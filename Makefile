@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-compat
 COMPAT_PINS ?= transformers==5.2.0 kvpress==0.5.5
 
-.PHONY: setup demo test test-compat lint bench bench-peers gpu-check aot
+.PHONY: setup demo test test-compat kvpress lint bench bench-peers gpu-check aot
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,12 +35,18 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	touch $@
 
 # the backend, conversations, the bound, the re-read, the built-in model and the family matrix
-# (eagerly; compiled: two families) on the lowest supported transformers
+# (eagerly; compiled: two families) on the lowest supported transformers; the kvpress bridge
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest tests/test_backend.py tests/test_families.py \
 		tests/test_conversation.py tests/test_bounded.py tests/test_reread.py \
 		tests/test_builtin_model.py tests/test_compat.py tests/test_family_matrix.py \
+		tests/test_kvpress.py \
 		-k "not compiled_is_exact or llava or gemma3"
+
+# kvpress and csp_inductor side by side on the built-in model (CSP as a kvpress press, kvpress
+# scorers in the backend)
+kvpress: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m csp_inductor kvpress
 
 # benchmarks against NVIDIA kvpress, in the environment of test-compat (kvpress needs its
 # transformers): per-token decode with a kvpress provider

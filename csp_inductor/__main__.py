@@ -1,4 +1,4 @@
-"""Command line: ``python -m csp_inductor {demo,chat,eval,profile,train} ...``."""
+"""Command line: ``python -m csp_inductor {demo,chat,eval,profile,train,kvpress} ...``."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def demo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("demo", "chat", "eval", "profile", "train")
+    commands = ("demo", "chat", "eval", "profile", "train", "kvpress")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m csp_inductor {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from .profiling import main as profile_main
 
         return profile_main(rest)
+    if command == "kvpress":  # (needs kvpress: make test-compat sets up its environment)
+        from .integrations.kvpress import compare
+
+        return compare(rest)
     from .evaluation.train import main as train_main
 
     train_main(rest)

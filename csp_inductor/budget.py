@@ -89,3 +89,24 @@ def split_budget(
             or length - recent < k_self + k_cross
         ),
     )
+
+
+def split_count(length: int, kept: int, window_ratio: float, cross_ratio: float = 0.5) -> Budget:
+    """CSP's split of a given number of ``kept`` tokens (a library that fixes the kept count
+    itself, as kvpress does): the last ``W = int(length * window_ratio)`` tokens score the
+    prompt and are kept, and the other ``kept - W`` are ranked, ``int(k * cross_ratio)`` of
+    them by the cross score. Nothing is pruned when ``kept >= length`` or ``W == 0``."""
+    if not 0 <= kept <= length:
+        raise ValueError(f"kept must be in [0, length={length}], got kept={kept}")
+    window = int(length * window_ratio)
+    if window > kept:
+        raise ValueError(
+            f"the window int(length * window_ratio) = {window} exceeds the kept count {kept} "
+            f"(length={length}, window_ratio={window_ratio})"
+        )
+    k = kept - window
+    k_cross = int(k * cross_ratio)
+    return Budget(
+        length=length, hh=k, window=window, recent=window, k=k, k_self=k - k_cross,
+        k_cross=k_cross, keep_all=kept >= length or window == 0,
+    )  # fmt: skip

@@ -135,6 +135,10 @@ class Backend:
         self.repruner = None  # the (compiled) re-prune of a bounded cache, made when needed
         # the 2D attention mask generate had for its next forward (None = no padding)
         self.from_generate, self.prompt_mask = False, None
+        # a policy that ranks by the layers' own inputs: what hooks collected of them during
+        # the running (eager) forward, by layer, and the hooks' undo
+        self.layer_inputs: dict[int, dict] = {}
+        self._collecting: list = []
         self._undo: list = []
 
     @property
@@ -152,6 +156,7 @@ class Backend:
             )
         self._check_bound(policy)
         self._check_reread(policy)
+        self._check_layer_inputs(policy)
         index = register_policy(policy)
         self._policy = policy
         self.policy_index.fill_(index)
@@ -282,6 +287,59 @@ class Backend:
                 f"{type(self.model).__name__}: {why}"
             )
 
+    def _check_layer_inputs(self, policy: Policy) -> None:
+        """A policy that ranks by the layers' inputs scores prompts and turns only: not the
+        held tokens of a bounded cache, nor a latent."""
+        if not policy.needs_layer_inputs:
+            return
+        why = None
+        if self.max_cache_tokens is not None:
+            why = "max_cache_tokens re-prunes held tokens, whose layer inputs are gone"
+        elif any(spec.latent for spec in self.layer_specs()):
+            why = "its multi-head latent attention caches a latent, not the keys it would score"
+        if why is not None:
+            raise ValueError(
+                f"{policy!r} ranks by each layer's inputs, which is not supported for "
+                f"{type(self.model).__name__}: {why}"
+            )
+
+    def _collect_layer_inputs(self) -> None:
+        """For this forward (run eagerly): each pruned attention layer's forward arguments,
+        for :meth:`Policy.layer_scores`, and the decoder's rotary embedding on each layer's
+        module (kvpress's scorers rebuild queries with it)."""
+        if self.key_padding is not None:
+            raise ValueError(
+                f"{self.policy!r} scores prompts without a padding mask (kvpress's scorers "
+                "have none); send rows of equal length (or one at a time)"
+            )
+        self.policy.prepare(self.model)
+        if self.compiled is not None:
+            self.compiled.eager_next = True
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        for layer, kind in zip(self.decoder.layers, self.family.layer_types, strict=True):
+            if kind != "attention":
+                continue
+            attn = self_attention(layer)
+            collect = functools.partial(self._collect, inspect.signature(attn.forward))
+            hook = attn.register_forward_pre_hook(collect, with_kwargs=True)
+            self._collecting.append(hook.remove)
+            if rotary is not None and not hasattr(attn, "rotary_emb"):
+                attn.rotary_emb = rotary
+                self._collecting.append(functools.partial(delattr, attn, "rotary_emb"))
+
+    def _collect(self, signature, module, args, kwargs) -> None:
+        """An attention layer's forward arguments by name (its ``**kwargs`` among them)."""
+        named = signature.bind_partial(*args, **kwargs).arguments
+        for param in signature.parameters.values():
+            if param.kind is param.VAR_KEYWORD:
+                named.update(named.pop(param.name, {}))
+        self.layer_inputs[module.layer_idx] = dict(named)
+
+    def _stop_collecting(self) -> None:
+        while self._collecting:
+            self._collecting.pop()()
+        self.layer_inputs.clear()
+
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
         """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
         # Compiled flex on CPU (torch 2.13) returns wrong results when the KV length is below
@@ -338,6 +396,7 @@ class Backend:
         if isinstance(cache, PrunedCache) and cache.phase == "turn":
             cache.abandon_turn()  # the forward of the last turn raised: the cache is as before
         self.reread_next, self.prompt_embeds = False, None  # a failed prompt's, if any
+        self._stop_collecting()
         if isinstance(cache, PrunedCache) and cache.phase == "reread":
             raise RuntimeError(
                 "this PrunedCache's prompt failed while being re-read to prune it; it holds an "
@@ -424,6 +483,8 @@ class Backend:
         if cache.bound is not None:  # (an unbounded cache grows for the turn and its answer)
             self._make_room(cache, q_len)
         self.is_image, self.key_padding = is_image, padding
+        if self.policy.needs_layer_inputs and kept != [q_len - p for p in pads]:
+            self._collect_layer_inputs()
         cache.start_turn(q_len, kept, pads, room=self.reserve)
         self.hidden = None
         if padding is not None:
@@ -447,6 +508,8 @@ class Backend:
         if how is None:
             kept = [self.policy.budget_for(q_len - p).kept for p in pads]
             self.prefill_index.fill_(self.policy_index)
+            if self.policy.needs_layer_inputs and kept != [q_len - p for p in pads]:
+                self._collect_layer_inputs()
         else:  # everything is kept until the prompt is re-read (_after_forward)
             kept = [q_len - p for p in pads]
             self.prefill_index.fill_(register_policy(Full()))
@@ -512,6 +575,7 @@ class Backend:
 
     def _after_forward(self, module, args, kwargs, output):
         cache, self.active = self.active, None
+        self._stop_collecting()
         if cache is not None:
             ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
             if cache.phase == "turn":  # its masks are its own
@@ -724,7 +788,8 @@ class CompiledForward:
     When the compiler fails (the limit reached, or an error in Dynamo or Inductor), the call is
     run eagerly (same function, same results) and so is every later call; one warning says
     why. Errors of the model's own code are raised by the eager run, as without compilation.
-    A call asking for hidden states or attention weights runs eagerly, by itself.
+    A call asking for hidden states or attention weights runs eagerly, by itself, as does one
+    the backend marks (``eager_next``: a prompt scored from its layers' inputs by Python code).
     ``graphs`` counts the graphs compiled for this decoder.
     """
 
@@ -733,6 +798,7 @@ class CompiledForward:
         self.keep_mask = keep_mask
         self.graphs = 0  # graphs compiled so far
         self.failure: str | None = None  # why this forward runs eagerly, once it does
+        self.eager_next = False  # the next call runs eagerly (set by the backend)
 
         self.signature = inspect.signature(forward)
 
@@ -750,7 +816,8 @@ class CompiledForward:
         return compiled
 
     def __call__(self, *args, **kwargs):
-        if self.failure is not None or any(kwargs.get(name) for name in EAGER_OUTPUTS):
+        eager, self.eager_next = self.eager_next, False
+        if eager or self.failure is not None or any(kwargs.get(name) for name in EAGER_OUTPUTS):
             return self.eager(*args, **kwargs)
         # Every parameter by name, defaults included: a plain forward and generate (which pass
         # different subsets) then differ in values only, not in the arity Dynamo guards on.

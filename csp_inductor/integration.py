@@ -441,8 +441,13 @@ def csp_attention(
 def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, turn=False):
     """Select one layer's kept tokens of the prompt (``kept[b]`` per row), or of a turn, which
     go after the kept prefix at their absolute positions, and store them. An MLA layer stores
-    its latents and scores in their space."""
-    backend, score_key = module.csp_backend, None
+    its latents and scores in their space. A policy that ranks by the layer's own inputs gets
+    its scores from what the backend collected of them for this forward (eagerly)."""
+    backend, score_key, scores = module.csp_backend, None, None
+    if backend.layer_inputs:  # (collected by an eager forward's hooks)
+        with label("csp::scoring"):
+            inputs = backend.layer_inputs.pop(module.layer_idx)
+            scores = backend.policy.layer_scores(module, inputs, key, value)
     if layer.spec.latent:
         query, score_key = absorb(module, query, key, value)
     start, offset = (cache.lengths, cache.seen) if turn else (None, None)
@@ -450,5 +455,5 @@ def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, tur
     torch.ops.csp_inductor.compact_(
         query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
         layer.positions, kept, index, scale, score_key, lse, start, offset,
-        layer.images,
+        layer.images, scores,
     )  # fmt: skip

@@ -105,6 +105,7 @@ def compact_op(
     start: Tensor | None = None,
     offset: Tensor | None = None,
     images_out: Tensor | None = None,
+    scores: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
@@ -119,6 +120,8 @@ def compact_op(
     written after the kept prefix: from slot ``start[b]`` (b,) on, at absolute positions
     ``offset + idx`` (``offset`` () long, the tokens before the turn). ``images_out``
     (b, hkv, capacity) bool, a bounded cache's: the stored tokens' modality (False past them).
+    ``scores`` (b, hkv, L): what a policy that needs the layer's inputs ranks by
+    (:attr:`Policy.needs_layer_inputs`), computed by the caller.
     """
     chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
@@ -129,8 +132,9 @@ def compact_op(
                 chosen, query, scored, is_image, key_padding, lse, scale
             )
         idx = chosen.select(
-            query, scored, is_image, key_padding, scale=scale, window_scores=window_scores
-        )
+            query, scored, is_image, key_padding, scale=scale, window_scores=window_scores,
+            scores=scores,
+        )  # fmt: skip
     width = idx.shape[-1]
     counts = (idx >= 0).sum(dim=-1)
     if not torch.equal(counts, lengths[:, None].expand_as(counts)):

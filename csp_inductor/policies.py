@@ -54,6 +54,7 @@ class Prompt(NamedTuple):
     pads: list[int]
     budgets: list[Budget]
     window_scores: Tensor | None = None  # decomposed window scores computed by the caller
+    scores: Tensor | None = None  # (batch, kv_heads, seq) scores from the layer's own inputs
 
     @property
     def seq(self) -> int:
@@ -134,6 +135,9 @@ class Policy:
 
     name: ClassVar[str]
     scores_every_query: ClassVar[bool] = False  # ranks with all prompt queries (H2O)
+    # ranks with scores computed from the attention layer's own inputs (its module, hidden
+    # states, position embeddings), which the backend passes to select() as ``scores``
+    needs_layer_inputs: ClassVar[bool] = False
 
     def budget_for(self, length: int) -> Budget:
         """The budget of one sequence with ``length`` real prompt tokens."""
@@ -174,16 +178,32 @@ class Policy:
         *,
         scale: float | None = None,
         window_scores: Tensor | None = None,
+        scores: Tensor | None = None,
     ) -> Tensor:
         """Kept prompt positions per KV head (see the module docstring for shapes).
 
         ``window_scores`` (batch, kv_heads, 2, seq): the scores of the last
         :meth:`scoring_window` queries with :attr:`window_n`, when the caller computed them
-        already (the prefill does, from its attention kernel's log-sum-exp)."""
+        already (the prefill does, from its attention kernel's log-sum-exp). ``scores``
+        (batch, kv_heads, seq): what a policy that :attr:`needs_layer_inputs` ranks by."""
         prompt = self._prompt(q, k, is_image, key_padding, scale)
         if all(b.keep_all for b in prompt.budgets):
             return prompt.real()
         order = _packing(key_padding)
+        if (scores is not None) != self.needs_layer_inputs:
+            raise ValueError(
+                f"scores are given to, and only to, policies that rank by the layer's inputs "
+                f"(needs_layer_inputs); {self!r} "
+                + ("does not use them" if scores is not None else "needs them")
+            )
+        if scores is not None:
+            b, heads, seq = k.shape[0], k.shape[1], k.shape[2]
+            if tuple(scores.shape) != (b, heads, seq):
+                raise ValueError(
+                    f"scores must be (batch, kv_heads, seq) = {(b, heads, seq)}, got "
+                    f"shape={tuple(scores.shape)}"
+                )
+            prompt = prompt._replace(scores=scores)
         if window_scores is not None:
             if order is not None or self.window_n is None:
                 raise ValueError(
@@ -207,10 +227,21 @@ class Policy:
             k=_permute(k, order, dim=2),
             is_image=_permute(is_image, order, dim=1),
             key_padding=_permute(key_padding, order, dim=1),
+            scores=None if scores is None else _permute(scores, order, dim=2),
         )
         idx = self._select(packed)
         back = order[:, None, :].expand(-1, idx.shape[1], -1).gather(2, idx.clamp_min(0))
         return back.masked_fill(idx < 0, -1)
+
+    def prepare(self, model) -> None:
+        """Called with the model before each prompt a policy that :attr:`needs_layer_inputs`
+        scores."""
+
+    def layer_scores(self, module, inputs: dict, key: Tensor, value: Tensor) -> Tensor:
+        """For a policy that :attr:`needs_layer_inputs`: the (batch, kv_heads, seq) scores of
+        one attention layer's prompt, from its module, its forward's arguments by name
+        (``hidden_states``, ``position_embeddings``, …) and its keys and values."""
+        raise NotImplementedError
 
     def _select(self, prompt: Prompt) -> Tensor:
         raise NotImplementedError

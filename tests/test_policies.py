@@ -133,3 +133,34 @@ def test_make_policy_builds_every_policy():
     for name, cls in csp_inductor.POLICIES.items():
         assert isinstance(csp_inductor.make_policy(name), cls)
     assert csp_inductor.make_policy("snapkv", budget=0.1, window_ratio=0.05).budget == 0.1
+
+
+class _GivenScores(csp_inductor.policies.ScoredPolicy):
+    """Ranks by the scores the caller passes (as FromKVPress does with a press's)."""
+
+    needs_layer_inputs = True
+    name = "given"
+
+    def score(self, prompt):
+        return prompt.scores
+
+
+def test_given_scores_follow_their_rows_wherever_the_padding_is():
+    p = random_prompt(batch=1, q_heads=4, kv_heads=2, seq=40, seed=5)
+    scores = torch.randn(1, 2, 40, generator=torch.Generator().manual_seed(0))
+    policy = _GivenScores(budget=0.3, window_ratio=0.1)
+    left = torch.zeros(1, 40, dtype=torch.bool)
+    left[:, :6] = True
+    want = policy.select(p.q, p.k, p.is_image, left, scores=scores)
+    # the same row padded on the right: every tensor rolled, the kept positions too
+    roll = lambda x, dim: x.roll(-6, dims=dim)  # noqa: E731
+    got = policy.select(
+        roll(p.q, 2), roll(p.k, 2), roll(p.is_image, 1), roll(left, 1), scores=roll(scores, 2)
+    )
+    assert torch.equal(got, (want - 6).masked_fill(want < 0, -1))
+    with pytest.raises(ValueError, match=r"scores must be \(batch, kv_heads, seq\)"):
+        policy.select(p.q, p.k, p.is_image, scores=scores[..., :-1])
+    with pytest.raises(ValueError, match="needs them"):
+        policy.select(p.q, p.k, p.is_image)
+    with pytest.raises(ValueError, match="does not use them"):
+        KNorm(0.3).select(p.q, p.k, p.is_image, scores=scores)

@@ -589,15 +589,18 @@ def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
     # transformers < 5.3 nests SigLIP one level deeper: its loading report would list the
     # vision tower's weights as missing; they are loaded (strictly) below, anything else missing
     # raises
-    verbosity = logging.get_verbosity()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     if BEFORE_5_3:
         logging.set_verbosity_error()
+    logging.disable_progress_bar()  # (42 tensors load in milliseconds)
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True
         )
     finally:
         logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
     tower = model.model.vision_tower
     missing = [k for k in info["missing_keys"] if not k.startswith("model.vision_tower.")]
     if missing or (info["missing_keys"] and not hasattr(tower, "vision_model")):
