@@ -94,16 +94,13 @@ def split_budget(
 def split_count(length: int, kept: int, window_ratio: float, cross_ratio: float = 0.5) -> Budget:
     """CSP's split of a given number of ``kept`` tokens (a library that fixes the kept count
     itself, as kvpress does): the last ``W = int(length * window_ratio)`` tokens score the
-    prompt and are kept, and the other ``kept - W`` are ranked, ``int(k * cross_ratio)`` of
-    them by the cross score. Nothing is pruned when ``kept >= length`` or ``W == 0``."""
+    prompt and are kept (at most ``kept`` of them: kvpress's count truncates ``length * (1 -
+    compression_ratio)`` in floating point, which can fall one short of the window), and the
+    other ``kept - W`` are ranked, ``int(k * cross_ratio)`` of them by the cross score.
+    Nothing is pruned when ``kept >= length`` or ``W == 0``."""
     if not 0 <= kept <= length:
         raise ValueError(f"kept must be in [0, length={length}], got kept={kept}")
-    window = int(length * window_ratio)
-    if window > kept:
-        raise ValueError(
-            f"the window int(length * window_ratio) = {window} exceeds the kept count {kept} "
-            f"(length={length}, window_ratio={window_ratio})"
-        )
+    window = min(int(length * window_ratio), kept)
     k = kept - window
     k_cross = int(k * cross_ratio)
     return Budget(

@@ -109,7 +109,8 @@ class Backend:
         self.family: Family = detect(model, ATTN_NAME)
         self.decoder = self.family.decoder
         self.policy_index = torch.zeros((), dtype=torch.long)  # read by the compiled graph
-        # what a prompt's compaction keeps: the policy's, or everything before a re-read
+        # what a prompt's or turn's compaction keeps: the policy's, or everything (a prompt
+        # before its re-read, a turn of a policy that scores prompts only)
         self.prefill_index = torch.zeros((), dtype=torch.long)
         self.reread: Reread | None = None  # the running re-read of a prompt
         self.reread_next = False  # the running prompt is to be re-read after its forward
@@ -211,6 +212,7 @@ class Backend:
         self._undo.append(functools.partial(delattr, model, "csp_backend"))
 
     def uninstall(self) -> None:
+        self._stop_collecting()  # (a failed forward's)
         while self._undo:
             self._undo.pop()()
 
@@ -307,7 +309,7 @@ class Backend:
         """For this forward (run eagerly): each pruned attention layer's forward arguments,
         for :meth:`Policy.layer_scores`, and the decoder's rotary embedding on each layer's
         module (kvpress's scorers rebuild queries with it)."""
-        if self.key_padding is not None:
+        if self.key_padding is not None and bool(self.key_padding.any()):
             raise ValueError(
                 f"{self.policy!r} scores prompts without a padding mask (kvpress's scorers "
                 "have none); send rows of equal length (or one at a time)"
@@ -316,6 +318,8 @@ class Backend:
         if self.compiled is not None:
             self.compiled.eager_next = True
         rotary = getattr(self.decoder, "rotary_emb", None)
+        if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+            rotary = None  # (Gemma 3's: one per layer type, which kvpress's presses do not pass)
         for layer, kind in zip(self.decoder.layers, self.family.layer_types, strict=True):
             if kind != "attention":
                 continue
@@ -339,6 +343,8 @@ class Backend:
         while self._collecting:
             self._collecting.pop()()
         self.layer_inputs.clear()
+        if self.compiled is not None:
+            self.compiled.eager_next = False
 
     def new_cache(self, decode_capacity: int | None = None) -> PrunedCache:
         """An empty cache for one prompt (batch) with room for ``decode_capacity`` new tokens."""
@@ -480,11 +486,15 @@ class Backend:
         is_image = self._modality(ids, token_types, batch, q_len)
         padding, pads = _padding(mask, batch, q_len, is_image.device)
         kept = [self.policy.budget_for(q_len - p).kept for p in pads]
+        # what the turn's compaction keeps: the policy's; a policy scored by its layers' inputs
+        # (kvpress's presses) prunes prompts only and keeps a turn whole, as kvpress does
+        self.prefill_index.fill_(self.policy_index)
+        if self.policy.needs_layer_inputs:
+            kept = [q_len - p for p in pads]
+            self.prefill_index.fill_(register_policy(Full()))
         if cache.bound is not None:  # (an unbounded cache grows for the turn and its answer)
             self._make_room(cache, q_len)
         self.is_image, self.key_padding = is_image, padding
-        if self.policy.needs_layer_inputs and kept != [q_len - p for p in pads]:
-            self._collect_layer_inputs()
         cache.start_turn(q_len, kept, pads, room=self.reserve)
         self.hidden = None
         if padding is not None:

@@ -451,7 +451,7 @@ def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, tur
     if layer.spec.latent:
         query, score_key = absorb(module, query, key, value)
     start, offset = (cache.lengths, cache.seen) if turn else (None, None)
-    index = backend.policy_index if turn else backend.prefill_index
+    index = backend.prefill_index  # the policy, or everything (before a re-read, ...)
     torch.ops.csp_inductor.compact_(
         query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
         layer.positions, kept, index, scale, score_key, lse, start, offset,

@@ -130,6 +130,19 @@ def test_press_leaves_the_model_as_it_was():
     assert torch.equal(before.layers[0].keys, after.layers[0].keys)
 
 
+def test_press_keeps_kvpress_count_when_it_falls_short_of_the_window():
+    """kvpress keeps int(100 * 0.09999999999999998) = 9 tokens at compression_ratio=0.9, one
+    fewer than the 10-token window: the window is cut to the count."""
+    model = tiny_model("llama")
+    inputs = {
+        "input_ids": torch.randint(3, 90, (1, 100), generator=torch.Generator().manual_seed(0))
+    }
+    pruned = _prefill(model, inputs, CSPPress(compression_ratio=0.9, window_ratio=0.1))
+    assert pruned.layers[0].keys.shape[2] == kvpress.utils.compute_n_kept(100, 0.9) == 9
+    full = _prefill(model, inputs)
+    assert torch.equal(pruned.layers[0].keys, full.layers[0].keys[:, :, -9:])
+
+
 def test_press_on_a_short_prompt_keeps_the_latest():
     """A prompt too short for a scoring query (int(L * window_ratio) = 0): kvpress still keeps
     its count, the most recent tokens."""
@@ -265,6 +278,10 @@ def test_compiled_press_policy_matches_eager_and_does_not_recompile(compiled_sna
     second = greedy(model, tiny_inputs(model, "llava", seed=1), 6)
     assert backend.graphs == graphs and backend.fallback is None
     policy = backend.policy
+    backend.policy = FromKVPress(kvpress.KnormPress(), budget=0.2)  # another press: no graph
+    greedy(model, tiny_inputs(model, "llava", seed=2), 6)
+    assert backend.graphs == graphs and backend.fallback is None
+    backend.policy = policy
     eager = tiny_model("llava")
     csp_inductor.compile(eager, policy, compile=False)
     for seed, got in ((0, first), (1, second)):
@@ -294,6 +311,53 @@ def test_more_presses_run_in_the_backend(make):
         assert int(model.csp_backend.cache.lengths[0]) == kept + 2
     finally:
         csp_inductor.restore(model)
+
+
+def test_press_policy_takes_its_count_from_the_budget():
+    press = kvpress.StreamingLLMPress(compression_ratio=0.0, n_sink=4)
+    policy = FromKVPress(press, budget=0.2)
+    assert policy.press.compression_ratio == 0.8 and press.compression_ratio == 0.0
+    assert policy == policy and policy != FromKVPress(press, budget=0.2)  # itself only
+
+
+def test_unpadded_batches_are_scored_and_turns_kept_whole():
+    """Rows of equal length are scored together; a conversation's next turn is kept whole,
+    as kvpress keeps it (its scorers are prompt scorers)."""
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", batch=2)
+    policy = FromKVPress(kvpress.KnormPress(), budget=0.2)
+    csp_inductor.compile(model, policy, compile=False)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True)
+        cache = model.csp_backend.cache
+        length = inputs["input_ids"].shape[1]
+        assert cache.rows == [policy.budget_for(length).kept + 2] * 2
+        turn = torch.randint(3, 90, (2, 30), generator=torch.Generator().manual_seed(1))
+        ids = torch.cat([out.sequences, turn], dim=1)
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                past_key_values=cache,
+            )  # fmt: skip
+        assert cache.rows == [policy.budget_for(length).kept + 3 + 30 + 1] * 2
+    finally:
+        csp_inductor.restore(model)
+
+
+def test_a_failed_scoring_leaves_nothing_behind():
+    """A press that raises inside the forward (SnapKV's window exceeds the prompt) leaves no
+    hook, rotary embedding or collected input once the model is restored."""
+    model = tiny_model("llava")
+    csp_inductor.compile(model, FromKVPress(kvpress.SnapKVPress(window_size=500)), compile=False)
+    backend = model.csp_backend
+    with pytest.raises(AssertionError):
+        greedy(model, tiny_inputs(model, "llava"), 2)
+    csp_inductor.restore(model)
+    for layer in model.model.language_model.layers:
+        assert not layer.self_attn._forward_pre_hooks
+        assert not hasattr(layer.self_attn, "rotary_emb")
+    assert not backend.layer_inputs
 
 
 def test_press_policy_refusals():

@@ -17,6 +17,7 @@ kvpress 0.5 needs transformers < 5.3 (``make test-compat`` sets up such an envir
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,15 @@ import torch
 from torch import Tensor, nn
 
 try:
-    from kvpress import ObservedAttentionPress, ScorerPress, SnapKVPress
+    from kvpress import (
+        KeyDiffPress,
+        KnormPress,
+        ObservedAttentionPress,
+        RandomPress,
+        ScorerPress,
+        SnapKVPress,
+        StreamingLLMPress,
+    )
     from kvpress.utils import compute_n_kept
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -45,7 +54,7 @@ from ..scoring import decomposed_scores
 
 # kvpress presses whose scores read keys and values only: the ones that stay right on models
 # with multi-axis rotary positions (M-RoPE), whose queries the others rebuild with 1-D RoPE
-KEY_VALUE_PRESSES = ("KnormPress", "RandomPress", "StreamingLLMPress", "KeyDiffPress")
+KEY_VALUE_PRESSES = (KnormPress, RandomPress, StreamingLLMPress, KeyDiffPress)
 
 
 @dataclass(frozen=True)
@@ -171,12 +180,14 @@ class CSPPress(ScorerPress):
         family = detect(model, "")
         previous = _attn_implementations(model)
         own = family.decoder.config._attn_implementation or "eager"
+        if own.startswith("csp_press_"):
+            raise RuntimeError("CSPPress contexts do not nest: this model is under one already")
         name = f"csp_press_{own}"
         AttentionInterface.register(name, _capture)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])
         target = family.attn_target
         target = {k: name for k in target} if isinstance(target, dict) else name
-        undo = []
+        undo, hook = [], None
         try:
             for layer, kind in zip(family.decoder.layers, family.layer_types, strict=True):
                 attn = self_attention(layer)
@@ -194,13 +205,12 @@ class CSPPress(ScorerPress):
                 with_kwargs=True,
             )
             model.set_attn_implementation(target)
-            try:
-                with super().__call__(model):
-                    yield
-            finally:
-                model.set_attn_implementation(previous)
-                hook.remove()
+            with super().__call__(model):
+                yield
         finally:
+            model.set_attn_implementation(previous)
+            if hook is not None:
+                hook.remove()
             for attn in undo:
                 for attr in ("csp_press", "csp_press_forward", "csp_window"):
                     attn.__dict__.pop(attr, None)
@@ -217,12 +227,14 @@ class FromKVPress(ScoredPolicy):
     """A csp_inductor policy ranking with a kvpress ``ScorerPress``'s scores.
 
     The backend keeps the top ``int(L·(budget − window_ratio))`` tokens by ``press.score``
-    plus the last ``int(L·window_ratio)``, the same count as every policy (the press's own
-    ``compression_ratio`` is not used). The scores are computed from each attention layer's
-    inputs, as kvpress computes them, so a prompt scored by a press runs the decoder eagerly;
-    decode steps stay compiled. Presses that are more than a score are refused: those that
-    prune by their own rule (``compress`` overridden: per-head or per-layer counts, chunks,
-    merged or rewritten K/V) and those that need the attention weights.
+    plus the last ``int(L·window_ratio)``, the same count as every policy; the policy holds a
+    copy of the press with ``compression_ratio = 1 - budget`` (some presses read it). The
+    scores are computed from each attention layer's inputs, as kvpress computes them, so a
+    prompt scored by a press runs the decoder eagerly; decode steps stay compiled. As with
+    kvpress, the turns of a conversation are kept whole. Presses that are more than a score are
+    refused: those that prune by their own rule (``compress`` overridden: per-head or per-layer
+    counts, chunks, merged or rewritten K/V) and those that need the attention weights; on
+    M-RoPE models, presses that rebuild queries (all but :data:`KEY_VALUE_PRESSES`).
     """
 
     name = "kvpress"
@@ -247,10 +259,12 @@ class FromKVPress(ScoredPolicy):
                 "own counts or K/V rewriting), which is more than a score the backend can rank "
                 "by"
             )
-        object.__setattr__(self, "press", press)
         object.__setattr__(self, "budget", budget)
         object.__setattr__(self, "window_ratio", window_ratio)
         self.__post_init__()
+        press = copy.copy(press)
+        press.compression_ratio = round(1 - budget, 12)
+        object.__setattr__(self, "press", press)
 
     # a press is mutable, so the policy is itself (the backend names policies by hash)
     __eq__ = object.__eq__
@@ -263,17 +277,19 @@ class FromKVPress(ScoredPolicy):
         )
 
     def prepare(self, model) -> None:
+        text = model.config.get_text_config()
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+        multi_axis = isinstance(rope, dict) and "mrope_section" in rope
+        if multi_axis and not isinstance(self.press, KEY_VALUE_PRESSES):
+            raise ValueError(
+                f"{type(self.press).__name__} rebuilds queries with 1-D rotary positions, but "
+                f"{type(model).__name__}'s are multi-axis (M-RoPE); presses that read keys and "
+                f"values only work here: {', '.join(c.__name__ for c in KEY_VALUE_PRESSES)}"
+            )
         self.press.post_init_from_model(model)
 
     def layer_scores(self, module, inputs: dict, key: Tensor, value: Tensor) -> Tensor:
-        cos = (inputs.get("position_embeddings") or (None,))[0]
         press = type(self.press).__name__
-        if isinstance(cos, Tensor) and cos.dim() == 4 and press not in KEY_VALUE_PRESSES:
-            raise ValueError(
-                f"{press} rebuilds queries with 1-D rotary positions, but this model's are "
-                f"multi-axis (M-RoPE); presses that read keys and values only work here: "
-                f"{', '.join(KEY_VALUE_PRESSES)}"
-            )
         scores = self.press.score(module, inputs["hidden_states"], key, value, None, inputs)
         want = (key.shape[0], key.shape[1], key.shape[2])
         if tuple(scores.shape) != want:
