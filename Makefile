@@ -9,7 +9,10 @@ TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-compat
 COMPAT_PINS ?= transformers==5.2.0 kvpress==0.5.5
 
-.PHONY: setup demo test test-compat kvpress lint bench bench-peers gpu-check aot
+# lmms-eval, with the newest transformers, in an environment of its own (it pulls many packages)
+LMMS_VENV ?= .venv-lmms
+
+.PHONY: setup demo test test-compat test-lmms kvpress lmms lint bench bench-peers gpu-check aot
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +29,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 	$(MAKE) test-compat
+	$(MAKE) test-lmms
 
 $(COMPAT_VENV)/.installed: pyproject.toml
 	python3 -m venv $(COMPAT_VENV)
@@ -42,6 +46,27 @@ test-compat: $(COMPAT_VENV)/.installed
 		tests/test_builtin_model.py tests/test_compat.py tests/test_family_matrix.py \
 		tests/test_kvpress.py \
 		-k "not compiled_is_exact or llava or gemma3"
+
+# lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed; the index's torchvision is
+# a CUDA build that cannot load beside the CPU torch (transformers would import it), and
+# nothing here needs it
+$(LMMS_VENV)/.installed: pyproject.toml
+	python3 -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMMS_VENV)/bin/python -m pip install -q $(TORCH)
+	$(LMMS_VENV)/bin/python -m pip install -q -e ".[test,lmms]" "filelock<4" $(TORCH)
+	$(LMMS_VENV)/bin/python -m pip uninstall -q -y torchvision
+	touch $@
+
+# the lmms-eval model and the local task (from the repository's root: the task's data path)
+test-lmms: $(LMMS_VENV)/.installed
+	$(LMMS_VENV)/bin/python -m pytest tests/test_lmms_eval.py
+
+# lmms-eval's own command line on the local task: the built-in model with CSP at 20%
+lmms: $(LMMS_VENV)/.installed
+	$(LMMS_VENV)/bin/lmms-eval --model csp_inductor \
+		--model_args pretrained=builtin,policy=csp,budget=0.2 --batch_size 4 \
+		--tasks visual_haystack_csp --include_path csp_inductor/evaluation/lmms_tasks
 
 # kvpress and csp_inductor side by side on the built-in model (CSP as a kvpress press, kvpress
 # scorers in the backend)
