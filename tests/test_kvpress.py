@@ -386,6 +386,25 @@ def test_press_policy_refusals():
         csp_inductor.restore(model)
 
 
+def test_gemma3_global_and_sliding_layers_are_scored_by_the_press():
+    """Unlike kvpress (global layers only), the backend prunes Gemma 3's sliding layers too;
+    a press calling the layer's rotary embedding (layer-typed there) is refused by name."""
+    model = tiny_model("gemma3")
+    inputs = tiny_inputs(model, "gemma3")
+    csp_inductor.compile(model, FromKVPress(kvpress.KnormPress(), budget=0.25), compile=False)
+    try:
+        greedy(model, inputs, 2)
+        length = inputs["input_ids"].shape[1]
+        kept = model.csp_backend.policy.budget_for(length).kept
+        layers = model.csp_backend.cache.pruned
+        assert [int((layer.positions[0, 0] >= 0).sum()) for layer in layers] == [kept + 1] * 3
+        model.csp_backend.policy = FromKVPress(kvpress.ExpectedAttentionPress(), budget=0.25)
+        with pytest.raises(ValueError, match="calls the attention layer's rotary_emb"):
+            greedy(model, inputs, 2)
+    finally:
+        csp_inductor.restore(model)
+
+
 def test_query_presses_are_refused_on_multi_axis_rope():
     model = tiny_model("qwen2_vl")
     inputs = tiny_inputs(model, "qwen2_vl")

@@ -290,7 +290,16 @@ class FromKVPress(ScoredPolicy):
 
     def layer_scores(self, module, inputs: dict, key: Tensor, value: Tensor) -> Tensor:
         press = type(self.press).__name__
-        scores = self.press.score(module, inputs["hidden_states"], key, value, None, inputs)
+        try:
+            scores = self.press.score(module, inputs["hidden_states"], key, value, None, inputs)
+        except AttributeError as error:
+            if "rotary_emb" not in str(error):
+                raise
+            raise ValueError(
+                f"{press} calls the attention layer's rotary_emb; {type(module).__name__} has "
+                "none the press can call (Gemma 3's needs a layer type kvpress does not pass): "
+                "use a press that reads keys and values or the layer's inputs only"
+            ) from error
         want = (key.shape[0], key.shape[1], key.shape[2])
         if tuple(scores.shape) != want:
             raise ValueError(
