@@ -1,10 +1,10 @@
 """The lmms-eval model (``csp_inductor.evaluation.lmms_plugin``) and the local VisualHaystack
-task, in an environment with lmms-eval (``make test-lmms``; run from the repository's root, as
-the task's data path is relative)."""
+task, in an environment with lmms-eval (``make test-lmms``)."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lmms_eval")
 
@@ -14,12 +14,18 @@ from lmms_eval.tasks import TaskManager
 
 from csp_inductor import CSP, SnapKV
 from csp_inductor.evaluation import haystack as hs
-from csp_inductor.evaluation.eval import run_haystack
+from csp_inductor.evaluation.eval import _generate
 from csp_inductor.evaluation.lmms_plugin import CSPInductor
 
-TASKS = Path(__file__).parents[1] / "csp_inductor" / "evaluation" / "lmms_tasks"
+ROOT = Path(__file__).parents[1]
+TASKS = ROOT / "csp_inductor" / "evaluation" / "lmms_tasks"
 TASK = "visual_haystack_csp"
 DOCS = 8
+
+
+@pytest.fixture(autouse=True)
+def _at_the_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the task's data path is relative to the repository's root
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +33,16 @@ def task_manager():
     return TaskManager(include_path=str(TASKS))
 
 
-def _model(args: str) -> CSPInductor:
-    return get_model("csp_inductor").create_from_arg_string(
-        args, {"batch_size": None, "device": "cpu"}
-    )
+def _model(args: str, batch_size: str = "1") -> CSPInductor:
+    """As lmms-eval's command line makes it (``--batch_size`` as a string, no device)."""
+    config = {"batch_size": batch_size, "max_batch_size": None, "device": None}
+    return get_model("csp_inductor").create_from_arg_string(args, config)
+
+
+def _docs(n: int) -> list[dict]:
+    from csp_inductor.evaluation.lmms_tasks.visual_haystack_csp import utils
+
+    return [utils.doc_to_messages({"index": i}) for i in range(n)]
 
 
 def test_registered_through_entry_points(task_manager):
@@ -38,33 +50,88 @@ def test_registered_through_entry_points(task_manager):
     assert TASK in task_manager.all_tasks
 
 
-def test_model_args_choose_the_policy():
-    model = _model("policy=snapkv,budget=0.1,window_ratio=0.05,batch_size=2")
+def test_model_args_choose_the_policy_and_bad_ones_are_named():
+    model = _model("policy=snapkv,budget=0.1,window_ratio=0.05", batch_size="2")
     assert model.policy == SnapKV(0.1, window_ratio=0.05) == model.model.csp_backend.policy
     assert model.batch_size == 2
-    with pytest.raises(ValueError, match="policy='nope' is not a policy"):
-        _model("policy=nope")
-    with pytest.raises(ValueError, match=r"has no option\(s\) \['bugdet'\]"):
-        _model("policy=csp,bugdet=0.1")
+    bad = {
+        "policy=nope": "policy='nope' is not a policy",
+        "policy=oracle": "policy='oracle' is not a policy",
+        "policy=csp,bugdet=0.1": r"has no option\(s\) \['bugdet'\]",
+        "compile=yes": "compile must be true or false",
+        "dtype=float16": "dtype must be auto",
+    }
+    for args, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            _model(args)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        _model("policy=full", batch_size="auto")
+
+
+def test_batches_are_the_built_in_prompts():
+    """The task's chats, batched by the model, are exactly the built-in prompts (token ids,
+    left padding, each prompt's images in order)."""
+    model = _model("policy=full")
+    samples = hs.make_split("test", 16, seed=7)[:3]
+    got = model.inputs(_docs(3))
+    want = hs.collate(samples)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
+
+
+def test_a_chat_template_tokenizes_as_transformers_does():
+    model = _model("policy=full")
+    model.processor.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'text' %}{{ c['text'] }} {% else %}<image> {% endif %}"
+        "{% endfor %}{% endfor %}"
+    )
+    chat = _docs(1)[0]
+    got = model.inputs([chat])
+    from lmms_eval.protocol import ChatMessages
+
+    hf = ChatMessages(messages=chat).to_hf_messages()
+    want = model.processor.apply_chat_template(
+        hf, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
+    assert torch.equal(got["input_ids"], want["input_ids"])
+
+
+def test_sampling_is_refused():
+    model = _model("policy=full")
+    from lmms_eval.api.instance import Instance
+
+    request = Instance(
+        request_type="generate_until", doc={}, idx=0,
+        arguments=("", None, {"do_sample": True, "temperature": 1.0}, 0, TASK, "test"),
+        metadata={"task": TASK, "doc_id": 0, "repeats": 1},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="decodes greedily"):
+        model.generate_until([request])
 
 
 @pytest.mark.parametrize("args", ["policy=full", "policy=csp,budget=0.1"])
-def test_lmms_eval_scores_what_the_backend_scores(task_manager, args):
-    """lmms-eval's run of the local task (batched, through lmms-eval's chat messages and the
-    model's processor) gets, prompt by prompt, the answers csp_inductor's own evaluation gets
-    for the same prompts and policy; the KV bytes held are reported."""
-    model = _model(f"{args},batch_size=4")
+def test_lmms_eval_answers_as_the_backend(task_manager, args):
+    """lmms-eval's run of the local task (batched, through its chat messages, the model's
+    processor and the task's stop strings) gives, prompt by prompt, the answers of a plain
+    batched ``generate`` under the same policy; the KV bytes held are reported."""
+    model = _model(args, batch_size="4")
     vlm = model.model  # (lmms-eval's clean-up drops the model's modules after the run)
     out = evaluator.simple_evaluate(
         model=model, tasks=[TASK], limit=DOCS, task_manager=task_manager, log_samples=True
     )
     logged = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
-    got = [bool(s["exact_match"]) for s in logged]
+    got = [" ".join(s["filtered_resps"][0].split()) for s in logged]
     samples = hs.make_split("test", 16, seed=7)[:DOCS]
-    want = run_haystack(vlm, samples, model.policy, batch_size=4).correct
+    want = []
+    for start in range(0, DOCS, 4):
+        new = _generate(vlm, hs.collate(samples[start : start + 4]), max_new_tokens=4)
+        want += [hs.decode(ids) for ids in new]
     assert got == want
+    correct = [hs.score(answer, s) for answer, s in zip(want, samples, strict=True)]
     accuracy = out["results"][TASK]["exact_match,none"]
-    assert accuracy == sum(want) / DOCS
+    assert accuracy == sum(correct) / DOCS
     assert model.kv_bytes > 0 and model.full_kv_bytes > 0
     if isinstance(model.policy, CSP):
         assert model.kv_bytes < 0.5 * model.full_kv_bytes
