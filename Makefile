@@ -74,11 +74,13 @@ kvpress: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m csp_inductor kvpress
 
 # benchmarks against NVIDIA kvpress, in the environment of test-compat (kvpress needs its
-# transformers): per-token decode with a kvpress provider
+# transformers): per-token decode and end-to-end generate with a kvpress provider
 bench-peers: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[bench]" $(COMPAT_PINS) $(TORCH)
 	$(COMPAT_VENV)/bin/python -m pytest bench/bench_tokens.py -p no:cacheprovider \
 		--benchmark-json bench/results/tokens_peers.json
+	$(COMPAT_VENV)/bin/python -m pytest bench/bench_generate.py -p no:cacheprovider \
+		--benchmark-json bench/results/generate_peers.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

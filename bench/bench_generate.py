@@ -1,5 +1,7 @@
 """End-to-end ``generate`` on a long-context random-weight LLaVA: unmodified transformers (sdpa,
-full cache) vs ``csp_inductor.compile(model, CSP(budget))``.
+full cache) vs ``csp_inductor.compile(model, CSP(budget))``, and, where NVIDIA kvpress is
+installed (``make bench-peers``), unmodified transformers under kvpress's
+``SnapKVPress(compression_ratio=1 - budget)``.
 
 The model (:func:`csp_inductor.profiling.long_context_llava`): Llama decoder, hidden 1024,
 8 layers, 16 query / 4 KV heads, fp32, a tiny CLIP tower; the prompt
@@ -25,7 +27,10 @@ one after the other in the same pytest run, and reports:
 
 Sizes: ``CSP_BENCH_CONTEXT``, ``CSP_BENCH_NEW_TOKENS``, ``CSP_BENCH_BUDGET`` (0.2),
 ``CSP_BENCH_MODEL`` ("hidden,layers,heads,kv_heads", default 1024,8,16,4),
-``CSP_BENCH_THREADS`` (1), ``CSP_BENCH_PROVIDERS`` (default "sdpa_full,csp").
+``CSP_BENCH_THREADS`` (1), ``CSP_BENCH_PROVIDERS`` (default "sdpa_full,csp", and "kvpress" where
+kvpress imports). The CSP and kvpress results carry ``vs_full`` ratios to the unmodified model;
+kvpress's carry ``kv_tokens``, the tokens its cache holds (measured: its count rounds
+differently from ours).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVIDERS = ("sdpa_full", "csp")
+PROVIDERS = ("sdpa_full", "csp", "kvpress")
 
 
 def _rss_bytes() -> int:
@@ -84,17 +89,24 @@ def worker(argv: list[str]) -> dict:
     model = long_context_llava(hidden, layers, heads, kv_heads)
     inputs = image_heavy_prompt(model, args.context)
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    pressing = contextlib.nullcontext  # what each generate runs under
     if args.provider == "csp":
         csp_inductor.compile(model, csp_inductor.CSP(budget=args.budget))
+    elif args.provider == "kvpress":
+        import kvpress
+
+        press = kvpress.SnapKVPress(compression_ratio=1 - args.budget)
+        pressing = lambda: press(model)  # noqa: E731
     start = time.perf_counter()
     warm = image_heavy_prompt(model, min(1024, args.context), seed=1)
-    model.generate(**warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with pressing():
+        model.generate(**warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     compile_s = time.perf_counter() - start
     del warm
     _trim()
     rss_base, maxrss_base = _rss_bytes(), _maxrss()
     clock = TokenClock()
-    with profiled() as prof:
+    with profiled() as prof, pressing():
         start = time.perf_counter()
         out = model.generate(
             **inputs, **gen, logits_processor=LogitsProcessorList([clock]),
@@ -172,7 +184,13 @@ _RESULTS: dict[str, dict] = {}
 if "pytest" in sys.modules:
     import pytest
 
-    _SELECTED = os.environ.get("CSP_BENCH_PROVIDERS", ",".join(PROVIDERS)).split(",")
+    try:
+        import kvpress  # noqa: F401
+
+        _DEFAULT = PROVIDERS
+    except ImportError:  # kvpress needs transformers < 5.3: make bench-peers
+        _DEFAULT = ("sdpa_full", "csp")
+    _SELECTED = os.environ.get("CSP_BENCH_PROVIDERS", ",".join(_DEFAULT)).split(",")
 
     @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p in _SELECTED])
     def test_generate(benchmark, provider):
@@ -182,7 +200,7 @@ if "pytest" in sys.modules:
         _RESULTS[provider] = result
         info = dict(result)
         full = _RESULTS.get("sdpa_full")
-        if provider == "csp" and full is not None:
+        if provider in ("csp", "kvpress") and full is not None:
             info["vs_full"] = {
                 "decode_tok_s_ratio": result["decode_tok_s"] / full["decode_tok_s"],
                 "prefill_s_ratio": result["prefill_s"] / full["prefill_s"],
