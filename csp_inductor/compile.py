@@ -290,8 +290,8 @@ class Backend:
             )
 
     def _check_layer_inputs(self, policy: Policy) -> None:
-        """A policy that ranks by the layers' inputs scores prompts and turns only: not the
-        held tokens of a bounded cache, nor a latent."""
+        """A policy that ranks by the layers' inputs scores prompts only (it keeps turns
+        whole): not the held tokens of a bounded cache, nor a latent."""
         if not policy.needs_layer_inputs:
             return
         why = None
