@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import inspect
 import math
@@ -49,6 +48,7 @@ except ImportError:  # a transformers without output capturing: nothing to reset
 from . import compat
 from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask, leading_padding
 from .cache import LayerSpec, PrunedCache
+from .distributed import check_layout, head_shards
 from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
 from .ops import register_policy
 from .policies import CSP, Full, Policy, Reconstruction
@@ -108,6 +108,7 @@ class Backend:
         self.model = model
         self.family: Family = detect(model, ATTN_NAME)
         self.decoder = self.family.decoder
+        check_layout(model, self._attention_modules("attention", "shared"))
         self.policy_index = torch.zeros((), dtype=torch.long)  # read by the compiled graph
         # what a prompt's or turn's compaction keeps: the policy's, or everything (a prompt
         # before its re-read, a turn of a policy that scores prompts only)
@@ -180,11 +181,9 @@ class Backend:
         previous = _attn_implementations(model)
         model.set_attn_implementation(self.family.attn_target)
         self._undo.append(lambda: model.set_attn_implementation(previous))
-        for layer, kind in zip(self.decoder.layers, self.family.layer_types, strict=True):
-            if kind in ("attention", "shared"):  # the layers our attention function serves
-                attn = self_attention(layer)
-                attn.csp_backend = self
-                self._undo.append(functools.partial(delattr, attn, "csp_backend"))
+        for attn in self._attention_modules("attention", "shared"):  # what our function serves
+            attn.csp_backend = self
+            self._undo.append(functools.partial(delattr, attn, "csp_backend"))
         # positional forward arguments are named once, not per decode step
         self.forward_params = list(inspect.signature(model.forward).parameters)
         # transformers 5.24 renamed the cache argument (the old name still works, deprecated)
@@ -227,8 +226,7 @@ class Backend:
             elif kind in ("shared", "none"):
                 specs.append(LayerSpec(kind=kind))
             else:
-                spec = _attention_spec(layer, family.windows[i])
-                specs.append(dataclasses.replace(spec, q_heads=self.q_heads))
+                specs.append(_attention_spec(layer, family.windows[i]))
         return specs
 
     @functools.cached_property
@@ -236,15 +234,13 @@ class Backend:
         """The logit scale of each layer the cache stores K/V for (its module's ``scaling``)."""
         return tuple(
             float(getattr(attn, "scaling", None) or attn.head_dim**-0.5)
-            for attn, kind in zip(
-                map(self_attention, self.decoder.layers), self.family.layer_types, strict=True
-            )
-            if kind == "attention"
+            for attn in self._attention_modules("attention")
         )
 
-    @property
-    def q_heads(self) -> int:
-        return self.decoder.config.num_attention_heads
+    def _attention_modules(self, *kinds: str) -> list[nn.Module]:
+        """The self-attention modules of the decoder's layers of these kinds."""
+        layers = zip(self.decoder.layers, self.family.layer_types, strict=True)
+        return [self_attention(layer) for layer, kind in layers if kind in kinds]
 
     def _check_bound(self, policy: Policy) -> None:
         """A bounded cache needs a policy that frees room in a full cache and scores it with
@@ -571,14 +567,13 @@ class Backend:
         """The flex masks of a decode step of ``q_len`` new tokens (one token per step, or
         several, as assisted decoding verifies them), built once per prompt and step size, or
         of a turn (its padding hidden)."""
-        q_heads = self.decoder.config.num_attention_heads
         turn = cache.phase in ("turn", "reread")
         for layer in cache.pruned:
             window, chunk = layer.spec.sliding_window, self.family.chunks[layer.index]
             key = ("turn" if turn else q_len, layer.index if window or chunk else None)
             if key not in self.block_masks:
                 self.block_masks[key] = decode_block_mask(
-                    cache.lengths, layer.positions, cache.seen, window, q_heads, q_len,
+                    cache.lengths, layer.positions, cache.seen, window, layer.spec.q_heads, q_len,
                     null_slot=cache.null_slot, chunk=chunk, starts=cache.starts,
                     hidden=self.hidden if turn else None,
                 )  # fmt: skip
@@ -915,20 +910,29 @@ def _attn_implementations(model: nn.Module) -> dict | str:
 
 def _attention_spec(layer: nn.Module, window: int | None) -> LayerSpec:
     """The cache of a decoder layer's self-attention, from its module (layers of one model may
-    differ, e.g. Gemma 4's global layers): KV heads and head dim, or an MLA layer's latent."""
+    differ, e.g. Gemma 4's global layers): KV heads and head dim, or an MLA layer's latent. The
+    heads are this rank's under tensor parallelism (the config and ``out_features`` count all
+    ranks')."""
     attn = self_attention(layer)
     cfg = attn.config
+    q_heads = cfg.num_attention_heads
     if compat.caches_latent(attn):
-        return LayerSpec(1, attn.kv_lora_rank, window, value_dim=attn.qk_rope_head_dim, latent=True)
+        return LayerSpec(
+            1, attn.kv_lora_rank, window, value_dim=attn.qk_rope_head_dim, latent=True,
+            q_heads=q_heads,
+        )  # fmt: skip
     if getattr(attn, "kv_lora_rank", None) is not None:  # MLA caching per-head K/V
-        heads = cfg.num_attention_heads
-        return LayerSpec(heads, attn.qk_head_dim, window, value_dim=attn.v_head_dim)
+        return LayerSpec(
+            q_heads, attn.qk_head_dim, window, value_dim=attn.v_head_dim, q_heads=q_heads
+        )
     head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     k_proj = getattr(attn, "k_proj", None)
     if isinstance(k_proj, nn.Linear):
-        return LayerSpec(k_proj.out_features // head_dim, head_dim, window)
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return LayerSpec(heads, head_dim, window)
+        kv_heads = k_proj.out_features // head_dim
+    else:
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    shards = head_shards(attn)  # (check_layout made sure they divide)
+    return LayerSpec(kv_heads // shards, head_dim, window, q_heads=q_heads // shards)
 
 
 def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Module:

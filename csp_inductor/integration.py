@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from . import compat
 from .attention import decode_attention, prefill_attention
@@ -402,12 +403,14 @@ def csp_attention(
         if return_lse:
             out, lse = out
         if stores:
+            _check_heads(layer.spec, query, key)
             _remember(cache, layer, query, backend.key_padding, backend.is_image)
             if layer.spec.latent:  # store the latents
                 (key, value), layer.prompt = layer.prompt, None
             _compact(module, cache, layer, query, key, value, scale, cache.lengths, lse)
         return out, None
     layer = cache.layers[source]
+    _check_heads(layer.spec, query, key)
     turn = cache.phase in ("turn", "reread")  # a re-read chunk attends as a turn does
     block_mask = None
     if backend.kernel == "flex":  # a turn's mask is the turn's, whatever its length
@@ -436,6 +439,25 @@ def csp_attention(
         (key, value), layer.prompt = layer.prompt, None
         _compact(module, cache, layer, query, key, value, scale, cache.turn, turn=True)
     return out, None
+
+
+def _check_heads(spec, query: Tensor, key: Tensor) -> None:
+    """The attention receives the heads its cache was made for: a parallel layout the backend
+    did not detect would otherwise be served wrong, silently. (Static shapes: free when
+    compiled.)"""
+    if isinstance(query, DTensor):
+        raise ValueError(
+            "csp_inductor received the attention query as a DTensor (e.g. context or sequence "
+            "parallelism), which it does not support; supported: tensor parallelism by heads "
+            "(transformers' tp_plan), where each rank's attention gets plain tensors"
+        )
+    if not spec.latent and (query.shape[1], key.shape[1]) != (spec.q_heads, spec.kv_heads):
+        raise ValueError(
+            f"csp_inductor's cache is for {spec.q_heads} query and {spec.kv_heads} KV heads per "
+            f"layer, but the attention received query heads={query.shape[1]} and key heads="
+            f"{key.shape[1]}: a parallel layout that compile() did not detect; supported: "
+            "tensor parallelism by heads (transformers' tp_plan)"
+        )
 
 
 def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, turn=False):

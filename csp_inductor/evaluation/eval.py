@@ -14,6 +14,13 @@ scoring window is ``min(0.1, budget / 2)`` of the prompt (the paper's 0.1 at the
 the same for every policy that scores with a window; question-agnostic policies (``kvzip``,
 ``csp:scoring=reconstruct``) keep ``min(REREAD_WINDOW, budget / 2)`` recent tokens instead.
 ``full`` ignores the budget and is evaluated once.
+
+Across processes (one host or several)::
+
+    torchrun --nproc-per-node 2 -m csp_inductor eval ...        # the prompts shared out
+    torchrun --nproc-per-node 2 -m csp_inductor eval --tp ...   # the model split (TP)
+
+Rank 0 prints and writes the one result table, the same as one process's.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from tqdm import tqdm
 
 from csp_inductor.compile import compile as compile_model
 from csp_inductor.compile import restore
+from csp_inductor.distributed import ALONE, Ranks
 from csp_inductor.evaluation import haystack as hs
 from csp_inductor.policies import POLICIES, REREAD_WINDOW, Full, Oracle, Policy, make_policy
 
@@ -122,8 +130,11 @@ def run_haystack(
     batch_size: int = 8,
     compiled: bool | None = None,
     question_after: bool = False,
+    ranks: Ranks = ALONE,
 ) -> RunStats:
     """Greedy answers of ``model`` under ``policy`` for ``samples`` (batched, left-padded).
+    ``ranks``: the processes that share the batches (each gets every ``size``-th batch, the
+    same batches one process makes) and gather the results, on every rank.
 
     ``question_after``: prefill (and prune) the context alone, then feed the question and
     decode, so pruning cannot see the question and every answer token reads the pruned cache.
@@ -138,7 +149,7 @@ def run_haystack(
     groups = [[i for i in order if task in (None, samples[i].task)] for task in tasks]
     chunks = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
     with pruning(model, policy, compiled=compiled) as backend:
-        for chunk in chunks:
+        for chunk in ranks.deal(chunks):
             batch = hs.collate([samples[i] for i in chunk])
             if isinstance(policy, Oracle):
                 backend.policy = _with_evidence(policy, [samples[i] for i in chunk], question_after)
@@ -152,7 +163,15 @@ def run_haystack(
             stats.full_kv_bytes += len(chunk) * real * cache.kv_bytes_per_token()
             for i, ids in zip(chunk, new, strict=True):
                 stats.correct[i] = hs.score(ids, samples[i])
-    return stats
+    return _gathered(stats, ranks)
+
+
+def _gathered(stats: RunStats, ranks: Ranks) -> RunStats:
+    """Every rank's results of its share, merged (each sample was answered by one rank)."""
+    parts = ranks.gather(stats)
+    correct = [next((p.correct[i] for p in parts if p.correct[i] is not None), None)
+               for i in range(len(stats.correct))]  # fmt: skip
+    return RunStats(correct, sum(p.kv_bytes for p in parts), sum(p.full_kv_bytes for p in parts))
 
 
 def _with_evidence(oracle: Oracle, samples: list[hs.Sample], context_only: bool) -> Oracle:
@@ -205,12 +224,13 @@ def _generate_after_context(model, samples: list[hs.Sample], max_new_tokens: int
 
 
 def run_conversations(
-    model, samples: list[hs.Sample], policy: Policy, *, batch_size: int = 8
+    model, samples: list[hs.Sample], policy: Policy, *, batch_size: int = 8, ranks: Ranks = ALONE
 ) -> RunStats:
     """Each sample's context prefilled and pruned by ``policy``, then its questions (the first
     and the followups) asked one per turn on that cache, each answered greedily; an
     :class:`Oracle` gets each batch's ``context_evidence``. ``correct`` holds one list of
-    per-question results per sample; the KV counts are the context's, kept and whole."""
+    per-question results per sample; the KV counts are the context's, kept and whole.
+    ``ranks`` share the batches as in :func:`run_haystack`."""
     stats = RunStats(correct=[None] * len(samples))
     # a batch shares a task and a question count: its turns then have one length
     groups: dict[tuple[str, int], list[int]] = {}
@@ -218,7 +238,7 @@ def run_conversations(
         groups.setdefault((samples[i].task, 1 + len(samples[i].followups)), []).append(i)
     chunks = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     with pruning(model, Full()) as backend:
-        for chunk in chunks:
+        for chunk in ranks.deal(chunks):
             batch = [samples[i] for i in chunk]
             is_oracle = isinstance(policy, Oracle)
             backend.policy = _with_evidence(policy, batch, True) if is_oracle else policy
@@ -233,7 +253,7 @@ def run_conversations(
                     hs.decode(ids) == hs.decode(want)
                     for ids, want in zip(got, expected, strict=True)
                 ]
-    return stats
+    return _gathered(stats, ranks)
 
 
 @torch.no_grad()
@@ -308,10 +328,12 @@ def evaluate_haystack(
     mode: str = "standard",
     fill: float = 0.5,
     questions: int = 4,
+    ranks: Ranks = ALONE,
 ) -> list[dict]:
     """Accuracy rows per policy × budget × task (and "all"). ``mode="conversation"`` asks up
     to ``questions`` questions per context (:func:`run_conversations`; accuracy over all of
-    them); ``fill`` is the boards' chance of a non-empty cell (``hs.SPARSE_FILL``: sparse)."""
+    them); ``fill`` is the boards' chance of a non-empty cell (``hs.SPARSE_FILL``: sparse).
+    ``ranks`` share the batches (data parallel); every rank returns the same rows."""
     conversation = mode == "conversation"
     data = hs.make_split(
         "test", samples * len(tasks), seed=seed, tasks=tasks, fill=fill,
@@ -320,14 +342,15 @@ def evaluate_haystack(
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     results = []
     with pruning(model, Full(), compiled=compiled):  # one backend (and graphs) for all runs
-        for spec, budget in tqdm(jobs, desc="eval", unit="run"):
+        for spec, budget in tqdm(jobs, desc="eval", unit="run", disable=not ranks.main):
             policy = spec.build(budget)
             if conversation:
-                stats = run_conversations(model, data, policy, batch_size=batch_size)
+                stats = run_conversations(model, data, policy, batch_size=batch_size, ranks=ranks)
             else:
                 stats = run_haystack(
-                    model, data, policy, batch_size=batch_size, question_after=question_after
-                )
+                    model, data, policy, batch_size=batch_size, question_after=question_after,
+                    ranks=ranks,
+                )  # fmt: skip
             hits = [[c] if isinstance(c, bool) else c for c in stats.correct]
             for task in (*tasks, "all"):
                 mine = [h for h, s in zip(hits, data, strict=True) if task in ("all", s.task)]
@@ -456,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data-dir", help="milebench: the directory holding the datasets")
     p.add_argument("--datasets", default="", help="milebench: comma-separated dataset names")
+    p.add_argument(
+        "--tp",
+        action="store_true",
+        help="under torchrun: split the model over the processes by tensor parallelism "
+        "(every process answers every prompt) instead of sharing the prompts out",
+    )
     p.add_argument("--json", help="write {'results': [...]} here")
     p.add_argument("--plot", help="write a PNG of accuracy vs budget (a panel per task) here")
     args = p.parse_args(argv)
@@ -468,7 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--questions must be >= 1, got {args.questions}")
     if args.mode == "conversation" and args.question_after:
         p.error("--question-after is for --mode standard (a conversation asks after anyway)")
+    ranks = Ranks.launched()
+    if args.tp and ranks.size == 1:
+        p.error("--tp splits the model over the processes of a launch: torchrun --nproc-per-node N")
     if args.bench == "milebench":
+        if ranks.size > 1:
+            p.error("--bench milebench runs in one process (no torchrun)")
         if not args.data_dir or not args.datasets:
             p.error("--bench milebench needs --data-dir and --datasets")
         results = evaluate_milebench(
@@ -476,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples,
         )  # fmt: skip
     else:
-        model = hs.load_builtin_model(args.model)
+        model = hs.load_builtin_model(args.model, tp_plan="auto" if args.tp else None)
         tasks = tuple(t for t in args.tasks.split(",") if t)
         unknown = set(tasks) - set(hs.TASKS)
         if unknown:
@@ -485,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             model, specs, budgets, samples=args.samples, seed=args.seed, tasks=tasks,
             batch_size=args.batch_size, compiled=args.compile, question_after=args.question_after,
             mode=args.mode, fill=hs.SPARSE_FILL if args.variant == "sparse" else 0.5,
-            questions=args.questions,
+            questions=args.questions, ranks=ALONE if args.tp else ranks,
         )  # fmt: skip
+    if not ranks.main:
+        return 0
     print(format_table(results))
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}

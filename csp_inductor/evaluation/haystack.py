@@ -578,13 +578,16 @@ def build_tokenizer():
     )
 
 
-def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
-    """The shipped tiny LLaVA trained on VisualHaystack (offline, eval mode, fp32)."""
+def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH, *, tp_plan: str | None = None):
+    """The shipped tiny LLaVA trained on VisualHaystack (offline, eval mode, fp32).
+    ``tp_plan="auto"``: split over the processes of a ``torchrun`` launch by transformers'
+    tensor parallelism (needs ``accelerate``: ``pip install csp_inductor[distributed]``)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging
 
     from csp_inductor.compat import BEFORE_5_3
+    from csp_inductor.distributed import tp_loading
 
     # transformers < 5.3 nests SigLIP one level deeper: its loading report would list the
     # vision tower's weights as missing; they are loaded (strictly) below, anything else missing
@@ -595,8 +598,9 @@ def load_builtin_model(path: str | Path = BUILTIN_MODEL_PATH):
     logging.disable_progress_bar()  # (42 tensors load in milliseconds)
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
-            str(path), local_files_only=True, output_loading_info=True
-        )
+            str(path), local_files_only=True, output_loading_info=True,
+            **({} if tp_plan is None else tp_loading(tp_plan)),
+        )  # fmt: skip
     finally:
         logging.set_verbosity(verbosity)
         if bars:
