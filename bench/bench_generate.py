@@ -31,6 +31,11 @@ Sizes: ``CSP_BENCH_CONTEXT``, ``CSP_BENCH_NEW_TOKENS``, ``CSP_BENCH_BUDGET`` (0.
 kvpress imports). The CSP and kvpress results carry ``vs_full`` ratios to the unmodified model;
 kvpress's carry ``kv_tokens``, the tokens its cache holds (measured: its count rounds
 differently from ours).
+
+``csp_tp`` (opt-in: ``CSP_BENCH_PROVIDERS=csp,csp_tp``): CSP on the same model split by
+transformers' tensor-parallel plan over 2 processes (``torchrun``, gloo), one thread each; rank 0
+reports, ``kv_bytes`` is one rank's; ``vs_one_process`` compares it with the ``csp`` row of the
+same run (at ``CSP_BENCH_THREADS`` threads).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVIDERS = ("sdpa_full", "csp", "kvpress")
+PROVIDERS = ("sdpa_full", "csp", "kvpress", "csp_tp")
+TP_RANKS = 2  # csp_tp: CSP on the model split over this many processes, one thread each
 
 
 def _rss_bytes() -> int:
@@ -75,6 +81,7 @@ def worker(argv: list[str]) -> dict:
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--model", default="1024,8,16,4")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tp", action="store_true", help="under torchrun: split the model (TP plan)")
     args = p.parse_args(argv)
     from conftest import TokenClock  # before the thread count: importing it sets its default
 
@@ -87,6 +94,13 @@ def worker(argv: list[str]) -> dict:
 
     hidden, layers, heads, kv_heads = (int(x) for x in args.model.split(","))
     model = long_context_llava(hidden, layers, heads, kv_heads)
+    if args.tp:  # every rank built the same weights: each keeps its part
+        from transformers.distributed import DistributedConfig
+
+        config, _, mesh = model.prepare_distribute_model(
+            DistributedConfig(tp_size=int(os.environ["WORLD_SIZE"]))
+        )
+        model = model.maybe_distribute_model(model, config, mesh)
     inputs = image_heavy_prompt(model, args.context)
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     pressing = contextlib.nullcontext  # what each generate runs under
@@ -130,6 +144,7 @@ def worker(argv: list[str]) -> dict:
                   "intermediate": model.config.text_config.intermediate_size,
                   "vocab": model.config.text_config.vocab_size, "dtype": "float32"},
         "threads": args.threads,
+        "tp": int(os.environ["WORLD_SIZE"]) if args.tp else 1,
         "compile_s": compile_s,
         "generate_s": end - start,
         "prefill_s": prefill_s,
@@ -164,13 +179,17 @@ def worker(argv: list[str]) -> dict:
 def _run(provider: str) -> dict:
     from conftest import env_int
 
+    launch = [sys.executable]
+    if provider == "csp_tp":
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(TP_RANKS)]
     args = [
-        sys.executable, str(Path(__file__).resolve()), "--provider", provider,
+        *launch, str(Path(__file__).resolve()), "--provider", provider.removesuffix("_tp"),
         "--context", str(env_int("CSP_BENCH_CONTEXT", 16384)),
         "--new-tokens", str(env_int("CSP_BENCH_NEW_TOKENS", 64)),
         "--budget", os.environ.get("CSP_BENCH_BUDGET", "0.2"),
         "--model", os.environ.get("CSP_BENCH_MODEL", "1024,8,16,4"),
-        "--threads", os.environ.get("CSP_BENCH_THREADS", "1"),
+        "--threads", "1" if provider == "csp_tp" else os.environ.get("CSP_BENCH_THREADS", "1"),
+        *(["--tp"] if provider == "csp_tp" else []),
     ]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, timeout=7200)
     for line in proc.stdout.splitlines():
@@ -187,7 +206,7 @@ if "pytest" in sys.modules:
     try:
         import kvpress  # noqa: F401
 
-        _DEFAULT = PROVIDERS
+        _DEFAULT = ("sdpa_full", "csp", "kvpress")
     except ImportError:  # kvpress needs transformers < 5.3: make bench-peers
         _DEFAULT = ("sdpa_full", "csp")
     _SELECTED = os.environ.get("CSP_BENCH_PROVIDERS", ",".join(_DEFAULT)).split(",")
@@ -208,8 +227,18 @@ if "pytest" in sys.modules:
                 "peak_rss_ratio": result["peak_rss_growth"] / max(1, full["peak_rss_growth"]),
                 "held_rss_ratio": result["held_rss_growth"] / max(1, full["held_rss_growth"]),
             }
+        one = _RESULTS.get("csp")
+        if provider == "csp_tp" and one is not None:
+            info["vs_one_process"] = {
+                "threads": one["threads"],
+                "decode_tok_s_ratio": result["decode_tok_s"] / one["decode_tok_s"],
+                "prefill_s_ratio": result["prefill_s"] / one["prefill_s"],
+                "kv_bytes_ratio": result["kv_bytes"] / one["kv_bytes"],
+            }
         record(benchmark, **info)
 
 
 if __name__ == "__main__":
-    print("GENERATE_JSON " + json.dumps(worker(sys.argv[1:])))
+    result = worker(sys.argv[1:])
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun, rank 0 reports)
+        print("GENERATE_JSON " + json.dumps(result))

@@ -16,39 +16,52 @@ def demo(argv: list[str]) -> int:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the decoder (slower start)"
     )
+    p.add_argument(
+        "--tp", action="store_true", help="under torchrun: split the model (tensor parallelism)"
+    )
     args = p.parse_args(argv)
 
     import torch
 
+    from .distributed import ALONE, Ranks
     from .evaluation import haystack as hs
     from .evaluation.eval import PolicySpec, decode_speed, pruning, run_haystack
     from .policies import Full
 
+    ranks = Ranks.launched()
+    if args.tp and ranks.size == 1:
+        p.error("--tp splits the model over the processes of a launch: torchrun --nproc-per-node N")
+    # under torchrun: one model split over the processes (--tp), or the prompts shared out
+    share = ALONE if args.tp else ranks
+    say = print if ranks.main else lambda *a, **k: None
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = hs.load_builtin_model()
+    model = hs.load_builtin_model(tp_plan="auto" if args.tp else None)
     data = hs.make_split("test", args.samples * len(hs.TASKS), seed=args.seed)
     longest = max(data, key=lambda s: len(s.input_ids))
     lengths = [len(s.input_ids) for s in data]
-    print(
+    say(
         f"built-in tiny LLaVA, {len(data)} VisualHaystack prompts of {min(lengths)}-{max(lengths)} "
         f"tokens ({sum(int(s.is_image.sum()) for s in data) / sum(lengths):.0%} visual), "
         f"budget {args.budget:.0%}, {'compiled' if args.compile else 'eager'} backend"
+        + (f", split over {ranks.size} processes" if args.tp else "")
+        + (f", prompts shared by {ranks.size} processes" if share.size > 1 else "")
     )
     header = f"{'policy':<10}{'accuracy':>10}{'KV held':>12}{'of full':>9}{'decode tok/s':>14}"
-    print(header, "-" * len(header), sep="\n")
+    say(header, "-" * len(header), sep="\n")
     with pruning(model, Full(), compiled=args.compile):  # one backend for the three policies
         for name in ("full", "csp", "snapkv"):
             policy = PolicySpec(name).build(args.budget)
-            stats = run_haystack(model, data, policy)
+            stats = run_haystack(model, data, policy, ranks=share)
             speed, held = decode_speed(model, longest, policy)
             accuracy = sum(stats.correct) / len(data)
             fraction = stats.kv_bytes / stats.full_kv_bytes
             row = f"{name:<10}{accuracy:>10.1%}{held / 2**10:>9.0f} KiB{fraction:>9.1%}"
-            print(f"{row}{speed:>14.0f}")
-    print(
+            say(f"{row}{speed:>14.0f}")
+    say(
         f"(KV held: the cache of the longest prompt, {len(longest.input_ids)} tokens, with room "
-        f"for 32 new ones; 'of full': over all prompts.) {time.perf_counter() - started:.0f} s"
+        f"for 32 new ones{', on one process' if args.tp else ''}; 'of full': over all "
+        f"prompts.) {time.perf_counter() - started:.0f} s"
     )
     return 0
 

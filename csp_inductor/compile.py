@@ -48,7 +48,7 @@ except ImportError:  # a transformers without output capturing: nothing to reset
 from . import compat
 from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask, leading_padding
 from .cache import LayerSpec, PrunedCache
-from .distributed import check_layout, head_shards
+from .distributed import check_layout
 from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
 from .ops import register_policy
 from .policies import CSP, Full, Policy, Reconstruction
@@ -108,7 +108,8 @@ class Backend:
         self.model = model
         self.family: Family = detect(model, ATTN_NAME)
         self.decoder = self.family.decoder
-        check_layout(model, self._attention_modules("attention", "shared"))
+        # over how many tensor-parallel ranks each layer's heads are split (1: not split)
+        self.head_shards = check_layout(model, self._attention_modules("attention", "shared"))
         self.policy_index = torch.zeros((), dtype=torch.long)  # read by the compiled graph
         # what a prompt's or turn's compaction keeps: the policy's, or everything (a prompt
         # before its re-read, a turn of a policy that scores prompts only)
@@ -181,7 +182,7 @@ class Backend:
         previous = _attn_implementations(model)
         model.set_attn_implementation(self.family.attn_target)
         self._undo.append(lambda: model.set_attn_implementation(previous))
-        for attn in self._attention_modules("attention", "shared"):  # what our function serves
+        for attn in self._attention_modules("attention", "shared").values():  # ours to serve
             attn.csp_backend = self
             self._undo.append(functools.partial(delattr, attn, "csp_backend"))
         # positional forward arguments are named once, not per decode step
@@ -226,7 +227,7 @@ class Backend:
             elif kind in ("shared", "none"):
                 specs.append(LayerSpec(kind=kind))
             else:
-                specs.append(_attention_spec(layer, family.windows[i]))
+                specs.append(_attention_spec(layer, family.windows[i], self.head_shards[i]))
         return specs
 
     @functools.cached_property
@@ -234,13 +235,13 @@ class Backend:
         """The logit scale of each layer the cache stores K/V for (its module's ``scaling``)."""
         return tuple(
             float(getattr(attn, "scaling", None) or attn.head_dim**-0.5)
-            for attn in self._attention_modules("attention")
+            for attn in self._attention_modules("attention").values()
         )
 
-    def _attention_modules(self, *kinds: str) -> list[nn.Module]:
-        """The self-attention modules of the decoder's layers of these kinds."""
-        layers = zip(self.decoder.layers, self.family.layer_types, strict=True)
-        return [self_attention(layer) for layer, kind in layers if kind in kinds]
+    def _attention_modules(self, *kinds: str) -> dict[int, nn.Module]:
+        """The self-attention modules of the decoder's layers of these kinds, by layer."""
+        layers = enumerate(zip(self.decoder.layers, self.family.layer_types, strict=True))
+        return {i: self_attention(layer) for i, (layer, kind) in layers if kind in kinds}
 
     def _check_bound(self, policy: Policy) -> None:
         """A bounded cache needs a policy that frees room in a full cache and scores it with
@@ -908,11 +909,11 @@ def _attn_implementations(model: nn.Module) -> dict | str:
     }
 
 
-def _attention_spec(layer: nn.Module, window: int | None) -> LayerSpec:
+def _attention_spec(layer: nn.Module, window: int | None, shards: int = 1) -> LayerSpec:
     """The cache of a decoder layer's self-attention, from its module (layers of one model may
     differ, e.g. Gemma 4's global layers): KV heads and head dim, or an MLA layer's latent. The
-    heads are this rank's under tensor parallelism (the config and ``out_features`` count all
-    ranks')."""
+    heads are this rank's of the ``shards`` its heads are split over by tensor parallelism (the
+    config and ``out_features`` count all ranks')."""
     attn = self_attention(layer)
     cfg = attn.config
     q_heads = cfg.num_attention_heads
@@ -931,7 +932,6 @@ def _attention_spec(layer: nn.Module, window: int | None) -> LayerSpec:
         kv_heads = k_proj.out_features // head_dim
     else:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    shards = head_shards(attn)  # (check_layout made sure they divide)
     return LayerSpec(kv_heads // shards, head_dim, window, q_heads=q_heads // shards)
 
 

@@ -22,43 +22,65 @@ fused QKV projections and multi-head latent attention under TP.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
-# projections whose output rows are heads, and the plan styles that shard them by heads
+# the projections whose output rows are heads
 HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-UNSUPPORTED_STYLES = ("sequence", "packed")
+# transformers' styles that split a weight by rows but give every rank the whole output
+WHOLE_OUTPUT_STYLES = ("colwise_gather_output", "colwise_rep")
 
 
-def head_shards(attn: nn.Module) -> int:
-    """Over how many ranks ``attn``'s heads are split: the mesh size of its column-sharded
-    (``Shard(0)``) projection weights, 1 when they are whole. Raises when the projections
-    disagree or are sharded another way."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+def head_shards(attn: nn.Module, styles: dict[str, str] | None = None) -> int:
+    """Over how many ranks ``attn``'s heads are split: the mesh size of its column-split
+    (``Shard(0)``) ``q_proj``/``k_proj``/``v_proj`` weights (those it has), 1 when no submodule
+    of ``attn`` is split so that its output is. ``styles``: the TP plan's style of ``attn``'s
+    submodules by name (``colwise_gather_output`` splits a weight, not its output). Raises when
+    the output is split some other way (a fused QKV projection, projections that disagree)."""
+    from torch.distributed.tensor import Shard
 
-    shards = {}
-    for name in HEAD_PROJECTIONS:
-        weight = getattr(getattr(attn, name, None), "weight", None)
-        placements = tuple(weight.placements) if isinstance(weight, DTensor) else ()
-        if all(isinstance(p, Replicate) for p in placements):
-            shards[name] = 1
-        elif placements == (Shard(0),):
-            shards[name] = weight.device_mesh.size()
-        else:
-            raise ValueError(
-                f"csp_inductor supports attention projections split by heads (Shard(0) over a "
-                f"1-D mesh) or whole; {name}.weight has placements={placements}"
-            )
-    if len(set(shards.values())) > 1:
+    styles = styles or {}
+    split = {}  # submodule -> mesh size, for those whose output is split
+    for name, module in attn.named_modules():
+        for weight in module.parameters(recurse=False):
+            placements = _split_placements(weight)
+            if (
+                placements
+                and placements != (Shard(1),)
+                and styles.get(name) not in (WHOLE_OUTPUT_STYLES)
+            ):  # (Shard(1): split by input, as o_proj; its output is all-reduced)
+                if placements != (Shard(0),) or name not in HEAD_PROJECTIONS:
+                    raise ValueError(
+                        f"csp_inductor supports tensor-parallel attention split by heads: "
+                        f"{', '.join(HEAD_PROJECTIONS)} split by rows (Shard(0)); "
+                        f"{type(attn).__name__}.{name or '(itself)'} has a weight split as "
+                        f"{placements} (e.g. a fused QKV projection)"
+                    )
+                split[name] = weight.device_mesh.size()
+    if not split:
+        return 1
+    present = [p for p in HEAD_PROJECTIONS if getattr(attn, p, None) is not None]
+    if set(split) != set(present) or len(set(split.values())) > 1:
         raise ValueError(
-            f"csp_inductor needs q_proj, k_proj and v_proj split over the same ranks, got {shards}"
+            f"csp_inductor needs {', '.join(present)} of {type(attn).__name__} split over the "
+            f"same ranks, got split over (ranks): {split}"
         )
-    return shards["q_proj"]
+    return split["q_proj"]
+
+
+def _split_placements(weight) -> tuple:
+    """A DTensor weight's placements when it is split over more than one rank, else ()."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(weight, DTensor) or weight.device_mesh.size() == 1:
+        return ()
+    placements = tuple(weight.placements)
+    return () if all(isinstance(p, Replicate) for p in placements) else placements
 
 
 def tp_loading(plan: str | dict = "auto") -> dict:
@@ -71,13 +93,14 @@ def tp_loading(plan: str | dict = "auto") -> dict:
     return {"tp_plan": plan}
 
 
-def check_layout(model: nn.Module, attention_layers: Sequence[nn.Module]) -> None:
+def check_layout(model: nn.Module, attention: dict[int, nn.Module]) -> dict[int, int]:
     """Raise a ValueError naming the layout when ``model`` is parallelised in a way the backend
-    does not support; ``attention_layers`` are the decoder's self-attention modules."""
+    does not support. ``attention``: the decoder's self-attention modules by layer index.
+    Returns over how many ranks each one's heads are split."""
     name = type(model).__name__
     config = getattr(model.config, "distributed_config", None)
     if config is not None:
-        for field, allowed in (
+        for field, what in (
             ("pp_size", "pipeline stages"),
             ("fsdp_size", "FSDP"),
             ("dp_replicate_size", "replicated data parallelism inside the model"),
@@ -86,54 +109,66 @@ def check_layout(model: nn.Module, attention_layers: Sequence[nn.Module]) -> Non
             value = getattr(config, field, None) or 1
             if value > 1:
                 raise ValueError(
-                    f"csp_inductor does not support {allowed} ({name} has distributed_config."
-                    f"{field}={value}); supported: tensor parallelism (tp_size / tp_plan) alone. "
-                    "For data-parallel evaluation launch independent copies: torchrun "
-                    "--nproc-per-node N -m csp_inductor eval"
+                    f"csp_inductor does not support {what} ({name} has distributed_config."
+                    f"{field}={value}); allowed: {field}=1, with tensor parallelism (tp_size / "
+                    "tp_plan) alone. For data-parallel evaluation launch independent copies: "
+                    "torchrun --nproc-per-node N -m csp_inductor eval"
                 )
         if getattr(config, "enable_sequence_parallel", False):
             raise ValueError(
                 f"csp_inductor does not support sequence parallelism ({name} has "
-                "distributed_config.enable_sequence_parallel=True): the backend scores each "
-                "prompt whole; supported: tensor parallelism by heads"
+                "distributed_config.enable_sequence_parallel=True; allowed: False): the backend "
+                "scores each prompt whole"
             )
-    plan = getattr(model, "tp_plan", None) or {}
+    # (a model declares its plan whether or not it was loaded split by it)
+    split = (getattr(model, "_tp_size", None) or 1) > 1
+    plan = (getattr(model, "tp_plan", None) or {}) if split else {}
     for module, style in plan.items():
-        if any(word in str(style) for word in UNSUPPORTED_STYLES):
+        if "sequence" in str(style):
             raise ValueError(
                 f"csp_inductor does not support the tensor-parallel style {style!r} (tp_plan"
-                f"[{module!r}] of {name}); supported: colwise / rowwise projections split by heads"
+                f"[{module!r}] of {name}): the backend scores each prompt whole; allowed: "
+                "styles that split projections by heads or rows (colwise, rowwise, ...)"
             )
-    for index, attn in enumerate(attention_layers):
-        shards = head_shards(attn)
-        if shards == 1:
-            continue
-        where = f"{name} layer {index} is split over {shards} tensor-parallel ranks"
-        if getattr(attn, "kv_lora_rank", None) is not None:
+    names = {id(module): qualified for qualified, module in model.named_modules()} if plan else {}
+    shards = {}
+    for index, attn in attention.items():
+        prefix = names.get(id(attn), "")
+        styles = {
+            sub: style
+            for sub, _ in attn.named_modules()
+            for pattern, style in plan.items()
+            if fnmatch.fnmatchcase(f"{prefix}.{sub}" if sub else prefix, pattern)
+        }
+        kv_lora_rank = getattr(attn, "kv_lora_rank", None)
+        if kv_lora_rank is not None and any(map(_split_placements, attn.parameters())):
             raise ValueError(
-                f"{where}, but csp_inductor does not support multi-head latent attention under "
-                "tensor parallelism (the latent is not split by heads)"
+                f"{name} layer {index} is tensor-parallel with multi-head latent attention "
+                f"(kv_lora_rank={kv_lora_rank}), which csp_inductor does not support under "
+                "tensor parallelism (the latent is not split by heads); allowed: load it "
+                "without a tp_plan (data-parallel evaluation: torchrun ... eval)"
             )
-        if not all(isinstance(getattr(attn, p, None), nn.Linear) for p in HEAD_PROJECTIONS):
-            raise ValueError(
-                f"{where}, but its attention has no separate q_proj, k_proj and v_proj Linear "
-                "layers (a fused QKV projection), which csp_inductor cannot split by heads"
-            )
-        cfg = attn.config
-        q_heads = cfg.num_attention_heads
-        kv_heads = attn.k_proj.out_features // _head_dim(attn)
-        for field, heads in (("num_attention_heads", q_heads), ("kv heads", kv_heads)):
-            if heads % shards:
-                raise ValueError(
-                    f"{where}, but its {field}={heads} does not divide by {shards}: each rank "
-                    "must hold whole heads (and whole GQA groups); use a tp_size dividing both "
-                    f"num_attention_heads={q_heads} and the kv heads={kv_heads}"
-                )
+        shards[index] = head_shards(attn, styles)
+        if shards[index] > 1:
+            _check_divisible(name, index, attn, shards[index])
+    return shards
 
 
-def _head_dim(attn: nn.Module) -> int:
-    cfg = attn.config
-    return getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def _check_divisible(name: str, index: int, attn: nn.Module, shards: int) -> None:
+    """Each rank must hold whole heads, and whole GQA groups."""
+    head_dim = getattr(attn, "head_dim", None) or attn.config.hidden_size // (
+        attn.config.num_attention_heads
+    )
+    counts = {"num_attention_heads": attn.config.num_attention_heads}
+    if getattr(attn, "k_proj", None) is not None:
+        counts["k_proj.out_features // head_dim (KV heads)"] = attn.k_proj.out_features // head_dim
+    for field, heads in counts.items():
+        if heads % shards:
+            raise ValueError(
+                f"{name} layer {index} is split over {shards} tensor-parallel ranks, but its "
+                f"{field}={heads} does not divide by {shards}: each rank must hold whole heads "
+                f"(and whole GQA groups); allowed: a tp_size dividing {sorted(counts.values())}"
+            )
 
 
 @dataclass(frozen=True)
@@ -145,13 +180,14 @@ class Ranks:
 
     @classmethod
     def launched(cls) -> Ranks:
-        """This process's place in a ``torchrun`` launch (its process group is set up, gloo on
-        CPU, NCCL on GPUs); ``Ranks()`` outside one."""
+        """This process's place in a ``torchrun`` launch (its process group set up: gloo, as
+        the evaluation runs on CPU and exchanges small Python objects); ``Ranks()`` outside
+        one."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
@@ -164,12 +200,36 @@ class Ranks:
         return items[self.rank :: self.size]
 
     def gather(self, value):
-        """``value`` of every rank, in rank order (``[value]`` alone)."""
+        """``value`` of every rank, in rank order (``[value]`` alone). Raises when another rank
+        failed in :meth:`failing_together` instead."""
         if self.size == 1:
             return [value]
         values = [None] * self.size
         dist.all_gather_object(values, value)
+        failed = [v for v in values if isinstance(v, Failed)]
+        if failed and not isinstance(value, Failed):
+            raise RuntimeError(f"rank {failed[0].rank} failed: {failed[0].error}")
         return values
+
+    @contextlib.contextmanager
+    def failing_together(self):
+        """Around a share of work whose results :meth:`gather` collects next: an exception in
+        it goes to the other ranks' gather, which raise too, instead of waiting for this rank
+        forever."""
+        try:
+            yield
+        except Exception as error:
+            if self.size > 1:
+                self.gather(Failed(self.rank, f"{type(error).__name__}: {error}"))
+            raise
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What a rank whose share failed sends to the others' gather."""
+
+    rank: int
+    error: str
 
 
 ALONE = Ranks()  # one process: deals it everything, gathers its own

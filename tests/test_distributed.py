@@ -88,27 +88,40 @@ def test_compiled_under_tp_is_one_graph_per_phase_and_exact(ranks, one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "gemma3n_text"])
 def test_other_families_under_tp(ranks, family):
-    """M-RoPE (Qwen2-VL) and sliding layers (Gemma 3), batch 2 left-padded."""
+    """M-RoPE (Qwen2-VL), sliding layers (Gemma 3), KV shared across layers (Gemma 3n), batch
+    2 left-padded: split in two, the same tokens from half the bytes."""
     for r in ranks:
         one, tp = r["families"][family]["one"], r["families"][family]["tp"]
-        assert tp["plain"] == one["plain"]
+        assert (one["shards"], tp["shards"]) == ([1], [2])
+        assert tp["plain"] == one["plain"] == one["full"]
         assert tp["full"] == tp["plain"]
         assert tp["csp"] == one["csp"]
+        for name in ("full", "csp"):
+            assert 2 * tp[f"{name}_nbytes"] == one[f"{name}_nbytes"], name
 
 
 @pytest.mark.slow
 def test_heads_that_do_not_split_evenly_are_refused(ranks):
     for r in ranks:
         message = r["refusals"]["uneven"]
-        assert "kv heads=3 does not divide by 2" in message and "tp_size" in message
+        assert "(KV heads)=3 does not divide by 2" in message and "tp_size dividing" in message
 
 
 @pytest.mark.slow
 def test_a_dtensor_query_is_refused(ranks):
     for r in ranks:
-        assert "DTensor" in r["refusals"]["dtensor_query"]
+        assert "received the attention query as a DTensor" in r["refusals"]["dtensor_query"]
+
+
+@pytest.mark.slow
+def test_a_failing_share_raises_on_every_rank(ranks):
+    """Rank 1 fails inside ``failing_together``: rank 0's gather raises instead of waiting."""
+    assert ranks[0]["refusals"]["peer_failure"] == (
+        "RuntimeError: rank 1 failed: ValueError: a failing share"
+    )
+    assert ranks[1]["refusals"]["peer_failure"] == "ValueError: a failing share"
 
 
 @pytest.mark.parametrize(
@@ -116,7 +129,8 @@ def test_a_dtensor_query_is_refused(ranks):
     [
         ("pp_size", 2, "pipeline stages"),
         ("fsdp_size", 2, "FSDP"),
-        ("ep_size", 2, "expert parallelism"),
+        ("dp_replicate_size", 2, "replicated data parallelism"),
+        ("ep_size", 3, "expert parallelism"),
         ("enable_sequence_parallel", True, "sequence parallelism"),
     ],
 )
@@ -125,16 +139,16 @@ def test_unsupported_layouts_are_refused_at_compile(field, value, named):
     model.config.distributed_config = SimpleNamespace(**{field: value})
     with pytest.raises(ValueError, match=named) as error:
         csp_inductor.compile(model, compile=False)
-    assert field in str(error.value)
+    assert f"{field}={value}" in str(error.value)
     assert getattr(model, "csp_backend", None) is None
 
 
-def test_an_unsupported_plan_style_is_refused():
-    model = SimpleNamespace(
-        config=SimpleNamespace(), tp_plan={"layers.*.input_layernorm": "sequence_parallel"}
-    )
+def test_a_sequence_parallel_plan_is_refused_once_the_model_is_split_by_it():
+    plan = {"layers.*.input_layernorm": "sequence_parallel"}
+    check_layout(SimpleNamespace(config=SimpleNamespace(), tp_plan=plan), {})  # declared only
+    model = SimpleNamespace(config=SimpleNamespace(), tp_plan=plan, _tp_size=2)
     with pytest.raises(ValueError, match=r"'sequence_parallel'.*input_layernorm"):
-        check_layout(model, [])
+        check_layout(model, {})
 
 
 def test_heads_the_cache_was_not_made_for_are_refused():

@@ -3,10 +3,11 @@ to ``<out>/rank<r>.json``:
 
 - the built-in model split by transformers' TP plan generates a left-padded batch of 2, plain,
   with ``Full()`` and with ``CSP(0.2)`` (eager, and compiled when asked);
-- tiny Qwen2-VL (M-RoPE) and Gemma 3 (sliding layers) generate a left-padded batch of 2 in one
-  process (every rank builds the same weights) and then split over the ranks;
+- tiny Qwen2-VL (M-RoPE), Gemma 3 (sliding layers) and Gemma 3n (KV shared across layers)
+  generate a left-padded batch of 2 in one process (every rank builds the same weights) and
+  then split over the ranks;
 - what ``compile`` and the attention refuse: heads that do not divide over the ranks, a DTensor
-  query."""
+  query; a rank whose share fails makes the other's gather raise."""
 
 import json
 import sys
@@ -16,11 +17,17 @@ import torch
 import torch.distributed as dist
 
 import csp_inductor
-from csp_inductor.distributed import head_shards, tp_loading
+from csp_inductor.distributed import Ranks, head_shards, tp_loading
 from csp_inductor.evaluation import haystack as hs
 from csp_inductor.evaluation.eval import pruning
 from csp_inductor.policies import CSP, Full
-from csp_inductor.testing import tiny_inputs, tiny_model
+from csp_inductor.testing import (
+    FAMILIES,
+    placeholder_inputs,
+    tiny_family_model,
+    tiny_inputs,
+    tiny_model,
+)
 
 NEW_TOKENS = 8
 
@@ -71,19 +78,26 @@ def split(model, out: str, name: str):
 
 
 def families(out: str) -> dict:
+    """Per family, in one process and split: tokens, the cache's bytes, the heads' split."""
     got = {}
-    for family in ("qwen2_vl", "gemma3"):
-        model = tiny_model(family)
-        inputs = tiny_inputs(model, family, batch=2, pads=[0, 5])
-        one = {"plain": generate(model, inputs)}
-        with pruning(model, CSP(0.2)):
-            one["csp"] = generate(model, inputs)
-        model = split(model, out, family)
-        tp = {"plain": generate(model, inputs)}
-        for name, policy in (("full", Full()), ("csp", CSP(0.2))):
-            with pruning(model, policy):
-                tp[name] = generate(model, inputs)
-        got[family] = {"one": one, "tp": tp}
+    for family in ("qwen2_vl", "gemma3", "gemma3n_text"):
+        if family in FAMILIES:
+            model = tiny_model(family)
+            inputs = tiny_inputs(model, family, batch=2, pads=[0, 5])
+        else:
+            model = tiny_family_model(family)
+            inputs = placeholder_inputs(model, batch=2, pads=[0, 5])
+        runs = {"one": {"plain": generate(model, inputs)}}
+        for where in ("one", "tp"):
+            if where == "tp":
+                model = split(model, out, family)
+                runs["tp"] = {"plain": generate(model, inputs)}
+            for name, policy in (("full", Full()), ("csp", CSP(0.2))):
+                with pruning(model, policy) as backend:
+                    runs[where][name] = generate(model, inputs)
+                    runs[where][f"{name}_nbytes"] = backend.cache.nbytes()
+                    runs[where]["shards"] = sorted(set(backend.head_shards.values()))
+        got[family] = runs
     return got
 
 
@@ -100,6 +114,7 @@ def refusals(out: str) -> dict:
         num_attention_heads=6, num_key_value_heads=3, head_dim=16,
     )  # fmt: skip
     model = split(LlamaForCausalLM(config).eval(), out, "uneven")
+    got["uneven"] = got["dtensor_query"] = "did not raise"
     try:
         csp_inductor.compile(model, compile=False)
     except ValueError as e:
@@ -111,6 +126,14 @@ def refusals(out: str) -> dict:
         _check_heads(spec, query, torch.zeros(1, 2, 3, 16))
     except ValueError as e:
         got["dtensor_query"] = str(e)
+    ranks = Ranks.launched()
+    try:  # one rank fails its share: the other's gather raises instead of waiting
+        with ranks.failing_together():
+            if ranks.rank == 1:
+                raise ValueError("a failing share")
+        ranks.gather("done")
+    except (ValueError, RuntimeError) as e:
+        got["peer_failure"] = f"{type(e).__name__}: {e}"
     return got
 
 

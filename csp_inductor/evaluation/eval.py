@@ -148,7 +148,7 @@ def run_haystack(
     tasks = dict.fromkeys(s.task for s in samples) if question_after else [None]
     groups = [[i for i in order if task in (None, samples[i].task)] for task in tasks]
     chunks = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    with pruning(model, policy, compiled=compiled) as backend:
+    with ranks.failing_together(), pruning(model, policy, compiled=compiled) as backend:
         for chunk in ranks.deal(chunks):
             batch = hs.collate([samples[i] for i in chunk])
             if isinstance(policy, Oracle):
@@ -237,7 +237,7 @@ def run_conversations(
     for i in sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids)):
         groups.setdefault((samples[i].task, 1 + len(samples[i].followups)), []).append(i)
     chunks = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-    with pruning(model, Full()) as backend:
+    with ranks.failing_together(), pruning(model, Full()) as backend:
         for chunk in ranks.deal(chunks):
             batch = [samples[i] for i in chunk]
             is_oracle = isinstance(policy, Oracle)
