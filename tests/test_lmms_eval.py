@@ -1,6 +1,9 @@
 """The lmms-eval model (``csp_inductor.evaluation.lmms_plugin``) and the local VisualHaystack
 task, in an environment with lmms-eval (``make test-lmms``)."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from lmms_eval import evaluator
 from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
 
+import csp_inductor
 from csp_inductor import CSP, SnapKV
 from csp_inductor.evaluation import haystack as hs
 from csp_inductor.evaluation.eval import _generate
@@ -136,3 +140,31 @@ def test_lmms_eval_answers_as_the_backend(task_manager, args):
     if isinstance(model.policy, CSP):
         assert model.kv_bytes < 0.5 * model.full_kv_bytes
     print(f"{args}: accuracy {accuracy:.3f}, KV {model.kv_bytes / model.full_kv_bytes:.1%} of full")
+
+
+def test_lmms_eval_across_processes(tmp_path):
+    """lmms-eval under ``torchrun`` (2 processes, gloo) shares the task's docs out; every doc
+    gets the answer one process gives it."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "lmms_eval", "--model", "csp_inductor",
+        "--model_args", "pretrained=builtin,policy=csp,budget=0.1", "--batch_size", "4",
+        "--tasks", TASK, "--include_path", str(TASKS), "--limit", str(DOCS),
+        "--output_path", str(tmp_path), "--log_samples",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (logged,) = tmp_path.glob("*/*_samples_*.jsonl")
+    rows = sorted(map(json.loads, logged.read_text().splitlines()), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in rows] == list(range(DOCS))
+    got = [" ".join(str(r["filtered_resps"]).split()) for r in rows]
+    model = csp_inductor.compile(hs.load_builtin_model(), CSP(0.1), compile=False)
+    samples = hs.make_split("test", 16, seed=7)[:DOCS]
+    want = []
+    for start in range(0, DOCS, 4):
+        new = _generate(model, hs.collate(samples[start : start + 4]), max_new_tokens=4)
+        want += [hs.decode(ids) for ids in new]
+    assert got == want
+    correct = [float(hs.score(answer, s)) for answer, s in zip(want, samples, strict=True)]
+    assert [r["exact_match"] for r in rows] == correct
+    assert 0 < sum(correct) < DOCS  # CSP at 10% gets some wrong: the comparison is not vacuous

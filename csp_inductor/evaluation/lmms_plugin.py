@@ -84,6 +84,11 @@ class CSPInductor(lmms):
         self.kv_bytes = 0  # what the pruned caches held, summed over batches
         self.full_kv_bytes = 0  # what full caches of the same prompts would have held
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (lmms-eval's evaluator puts its cross-process counts there)."""
+        return self.model.device
+
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(
             "the csp_inductor lmms-eval model answers generation tasks (generate_until); "
