@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no DTensor reaches the attention
+    DTensor = ()
 
 from . import compat
 from .attention import decode_attention, prefill_attention
@@ -384,6 +388,8 @@ def csp_attention(
             )
         stores = cache is not None and index not in backend.family.kv_source
         layer = cache.layers[index] if stores else None
+        if stores:
+            _check_heads(layer.spec, query, key)
         # FlexAttention's per-row log-sum-exp is the scorer's where the rows are plain causal
         # (on CPU, reusing SDPA's is measured no faster: bench/bench_prefill.py; Inductor's CPU
         # flex cannot return it, torch 2.13)
@@ -403,7 +409,6 @@ def csp_attention(
         if return_lse:
             out, lse = out
         if stores:
-            _check_heads(layer.spec, query, key)
             _remember(cache, layer, query, backend.key_padding, backend.is_image)
             if layer.spec.latent:  # store the latents
                 (key, value), layer.prompt = layer.prompt, None
