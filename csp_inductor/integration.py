@@ -447,8 +447,8 @@ def csp_attention(
 
 
 def _check_heads(spec, query: Tensor, key: Tensor) -> None:
-    """The attention receives the heads its cache was made for: a parallel layout the backend
-    did not detect would otherwise be served wrong, silently. (Static shapes: free when
+    """The attention receives the KV heads its cache was made for: a parallel layout the
+    backend did not detect would otherwise be served wrong, silently. (Static shapes: free when
     compiled.)"""
     if isinstance(query, DTensor):
         raise ValueError(
@@ -456,11 +456,11 @@ def _check_heads(spec, query: Tensor, key: Tensor) -> None:
             "parallelism), which it does not support; supported: tensor parallelism by heads "
             "(transformers' tp_plan), where each rank's attention gets plain tensors"
         )
-    if not spec.latent and (query.shape[1], key.shape[1]) != (spec.q_heads, spec.kv_heads):
+    if not spec.latent and key.shape[1] != spec.kv_heads:
         raise ValueError(
-            f"csp_inductor's cache is for {spec.q_heads} query and {spec.kv_heads} KV heads per "
-            f"layer, but the attention received query heads={query.shape[1]} and key heads="
-            f"{key.shape[1]}: a parallel layout that compile() did not detect; supported: "
+            f"csp_inductor's cache is for {spec.kv_heads} KV heads ({spec.q_heads} query heads) "
+            f"per layer, but the attention received key heads={key.shape[1]} (query heads="
+            f"{query.shape[1]}): a parallel layout that compile() did not detect; supported: "
             "tensor parallelism by heads (transformers' tp_plan)"
         )
 

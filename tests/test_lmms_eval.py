@@ -43,6 +43,16 @@ def _model(args: str, batch_size: str = "1") -> CSPInductor:
     return get_model("csp_inductor").create_from_arg_string(args, config)
 
 
+def _backend_answers(model) -> tuple[list[hs.Sample], list[str]]:
+    """The task's first ``DOCS`` prompts and ``model``'s answers to them, 4 per batch."""
+    samples = hs.make_split("test", 16, seed=7)[:DOCS]
+    answers = []
+    for start in range(0, DOCS, 4):
+        new = _generate(model, hs.collate(samples[start : start + 4]), max_new_tokens=4)
+        answers += [hs.decode(ids) for ids in new]
+    return samples, answers
+
+
 def _docs(n: int) -> list[dict]:
     from csp_inductor.evaluation.lmms_tasks.visual_haystack_csp import utils
 
@@ -127,11 +137,7 @@ def test_lmms_eval_answers_as_the_backend(task_manager, args):
     )
     logged = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     got = [" ".join(s["filtered_resps"][0].split()) for s in logged]
-    samples = hs.make_split("test", 16, seed=7)[:DOCS]
-    want = []
-    for start in range(0, DOCS, 4):
-        new = _generate(vlm, hs.collate(samples[start : start + 4]), max_new_tokens=4)
-        want += [hs.decode(ids) for ids in new]
+    samples, want = _backend_answers(vlm)
     assert got == want
     correct = [hs.score(answer, s) for answer, s in zip(want, samples, strict=True)]
     accuracy = out["results"][TASK]["exact_match,none"]
@@ -159,11 +165,7 @@ def test_lmms_eval_across_processes(tmp_path):
     assert [r["doc_id"] for r in rows] == list(range(DOCS))
     got = [" ".join(str(r["filtered_resps"]).split()) for r in rows]
     model = csp_inductor.compile(hs.load_builtin_model(), CSP(0.1), compile=False)
-    samples = hs.make_split("test", 16, seed=7)[:DOCS]
-    want = []
-    for start in range(0, DOCS, 4):
-        new = _generate(model, hs.collate(samples[start : start + 4]), max_new_tokens=4)
-        want += [hs.decode(ids) for ids in new]
+    samples, want = _backend_answers(model)
     assert got == want
     correct = [float(hs.score(answer, s)) for answer, s in zip(want, samples, strict=True)]
     assert [r["exact_match"] for r in rows] == correct
