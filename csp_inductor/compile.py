@@ -909,7 +909,7 @@ def _attn_implementations(model: nn.Module) -> dict | str:
     }
 
 
-def _attention_spec(layer: nn.Module, window: int | None, shards: int = 1) -> LayerSpec:
+def _attention_spec(layer: nn.Module, window: int | None, shards: int) -> LayerSpec:
     """The cache of a decoder layer's self-attention, from its module (layers of one model may
     differ, e.g. Gemma 4's global layers): KV heads and head dim, or an MLA layer's latent. The
     heads are this rank's of the ``shards`` its heads are split over by tensor parallelism (the

@@ -49,19 +49,18 @@ def head_shards(attn: nn.Module, styles: dict[str, str] | None = None) -> int:
     for name, module in attn.named_modules():
         for weight in module.parameters(recurse=False):
             placements = _split_placements(weight)
-            if (
-                placements
-                and placements != (Shard(1),)
-                and styles.get(name) not in (WHOLE_OUTPUT_STYLES)
-            ):  # (Shard(1): split by input, as o_proj; its output is all-reduced)
-                if placements != (Shard(0),) or name not in HEAD_PROJECTIONS:
-                    raise ValueError(
-                        f"csp_inductor supports tensor-parallel attention split by heads: "
-                        f"{', '.join(HEAD_PROJECTIONS)} split by rows (Shard(0)); "
-                        f"{type(attn).__name__}.{name or '(itself)'} has a weight split as "
-                        f"{placements} (e.g. a fused QKV projection)"
-                    )
-                split[name] = weight.device_mesh.size()
+            # whole output: not split, split by input (Shard(1), as o_proj: all-reduced), or
+            # gathered by its style
+            if placements in ((), (Shard(1),)) or styles.get(name) in WHOLE_OUTPUT_STYLES:
+                continue
+            if placements != (Shard(0),) or name not in HEAD_PROJECTIONS:
+                raise ValueError(
+                    f"csp_inductor supports tensor-parallel attention split by heads: "
+                    f"{', '.join(HEAD_PROJECTIONS)} split by rows (Shard(0)); "
+                    f"{type(attn).__name__}.{name or '(itself)'} has a weight split as "
+                    f"{placements} (e.g. a fused QKV projection)"
+                )
+            split[name] = weight.device_mesh.size()
     if not split:
         return 1
     present = [p for p in HEAD_PROJECTIONS if getattr(attn, p, None) is not None]

@@ -72,9 +72,9 @@ def split(model, out: str, name: str):
     if dist.get_rank() == 0:
         model.save_pretrained(where)
     dist.barrier()
-    split = type(model).from_pretrained(where, **tp_loading())
-    split.set_attn_implementation("sdpa")
-    return split.eval()
+    loaded = type(model).from_pretrained(where, **tp_loading())
+    loaded.set_attn_implementation("sdpa")
+    return loaded.eval()
 
 
 def families(out: str) -> dict:
