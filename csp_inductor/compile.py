@@ -817,7 +817,11 @@ class CompiledForward:
         self.compiled = torch.compile(own, backend=self._inductor, fullgraph=True, dynamic=dynamic)
 
     def _inductor(self, graph, example_inputs):
-        compiled = torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
+        # bf16/fp16 intermediates rounded where eager rounds them (Inductor would keep fused
+        # chains in fp32): the compiled decoder then gives the eager model's tokens, which
+        # keeping more precision flips on close calls (a no-op for fp32 models)
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            compiled = torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
         self.graphs += 1  # counted once compiled: Dynamo may restart an analysis mid-way
         return compiled
 
@@ -836,7 +840,11 @@ class CompiledForward:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not self.keep_mask:
             bound.arguments["attention_mask"] = None
         try:
-            return self.compiled(*bound.args, **bound.kwargs)
+            # No duck sizing: a prompt as long as the hidden size would otherwise share the
+            # hidden dim's symbol, be specialised with it by the weights' matmul, and make the
+            # first prefill graph static, recompiling at the next prompt length.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return self.compiled(*bound.args, **bound.kwargs)
         except COMPILER_ERRORS as error:
             out = self.eager(*args, **kwargs)  # the model's own errors surface here
             self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"

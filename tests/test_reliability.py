@@ -12,7 +12,7 @@ import csp_inductor
 from csp_inductor import CSP, Full, SnapKV
 from csp_inductor.compile import CompiledForward
 from csp_inductor.evaluation import haystack as hs
-from csp_inductor.testing import tiny_inputs, tiny_model
+from csp_inductor.testing import TEXT_IDS, tiny_inputs, tiny_model
 
 BATCH_SIZES = (1, 2, 3, 4, 5, 6)
 IMAGES = (2, 5, 9)  # three prompt lengths (rows of a batch differ by up to two images more)
@@ -32,6 +32,8 @@ def generate(model, inputs, new: int = 3, **kwargs):
         **inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
         pad_token_id=hs.PAD_TOKEN_ID, **kwargs,
     )  # fmt: skip
+    if "input_ids" not in inputs:  # given embeddings, generate returns the new tokens only
+        return out
     return out[:, inputs["input_ids"].shape[1] :]
 
 
@@ -78,6 +80,24 @@ def test_bf16_full_cache_compiled_gives_the_unmodified_answers():
     assert [hs.decode(r) for r in ours] == [hs.decode(r) for r in reference]
     assert model.csp_backend.fallback is None
     assert model.csp_backend.cache.layers[0].keys.dtype == torch.bfloat16
+
+
+def test_a_first_prompt_as_long_as_the_hidden_size_leaves_the_prefill_dynamic():
+    # Dynamo's duck sizing gave such a prompt's length the hidden dim's symbol, and the
+    # weights' matmul then made the first prefill graph static: every later length recompiled
+    model = tiny_model("llama")
+    eager = csp_inductor.compile(tiny_model("llama"), CSP(), compile=False)
+    csp_inductor.compile(model, CSP())
+    width = model.config.hidden_size
+    for length in (width, width + 37, 2 * width + 5):
+        ids = torch.randint(*TEXT_IDS, (1, length), generator=torch.Generator().manual_seed(length))
+        inputs = {
+            "inputs_embeds": model.get_input_embeddings()(ids).detach(),
+            "attention_mask": torch.ones_like(ids),
+        }
+        assert torch.equal(generate(model, inputs), generate(eager, inputs))
+    assert model.csp_backend.graphs == 2  # prefill and decode
+    assert model.csp_backend.fallback is None
 
 
 @pytest.fixture
