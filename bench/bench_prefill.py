@@ -7,8 +7,9 @@ One layer's prompt attention at L tokens (fp32, head_dim 64, 85% image tokens), 
 - ``csp``: the same attention, then CSP's scores (the CPU path: the scorer computes the
   window rows' maxima and sums itself);
 - ``csp_lse``: the kernel's log-sum-exp handed to the scorer, which then skips them and scores
-  only the keys before the recent window (what the FlexAttention path does; measured here to
-  decide whether the CPU path should: it gains nothing measurable, see bench/README.md).
+  only the keys before the recent window (what the FlexAttention path does);
+- ``csp_shared``: what the CPU prefill runs (``csp_inductor::window_prefill``): the kernel on
+  the first ``L - W`` rows only, the window rows' attention from the scorer's own logits.
 
 Each row records ``overhead``: the provider's median per-round time ratio to ``attention``,
 minus 1. Sizes: ``CSP_BENCH_PREFILL_CONTEXTS`` (default 4096,8192,16384),
@@ -25,7 +26,7 @@ import torch
 from conftest import env_int, env_ints, interleaved, record
 
 from csp_inductor import CSP
-from csp_inductor.ops import _scores_from_lse
+from csp_inductor.ops import _scores_from_lse, register_policy
 from csp_inductor.scoring import decomposed_scores
 from csp_inductor.testing import random_prompt
 
@@ -60,13 +61,18 @@ def test_prefill_scoring_overhead(benchmark, heads, context):
         _, lse = attention()
         return _scores_from_lse(POLICY, p.q, p.k, p.is_image, None, lse, scale)
 
-    providers = {"attention": attention, "csp": csp, "csp_lse": reuse}
+    index = torch.tensor(register_policy(POLICY))
+
+    def shared():
+        return torch.ops.csp_inductor.window_prefill(p.q, p.k, v, p.is_image, None, index, scale)
+
+    providers = {"attention": attention, "csp": csp, "csp_lse": reuse, "csp_shared": shared}
     medians, ratios = interleaved(providers, ROUNDS, warmup=1)
     record(
         benchmark, provider="csp",
         shapes={"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": HEAD_DIM,
                 "context": context, "window": window, "dtype": "float32"},
         interleaved_s=medians,
-        overhead={name: 1 / ratios[name] - 1 for name in ("csp", "csp_lse")},
+        overhead={name: 1 / ratios[name] - 1 for name in ("csp", "csp_lse", "csp_shared")},
     )  # fmt: skip
-    benchmark.pedantic(csp, rounds=1, iterations=1)
+    benchmark.pedantic(shared, rounds=1, iterations=1)

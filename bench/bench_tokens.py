@@ -17,7 +17,9 @@ image-heavy prompt of ``CSP_BENCH_TOKENS_CONTEXT`` tokens (default 8192). Provid
 Each round runs one ``generate`` of ``CSP_BENCH_TOKENS_NEW`` tokens per provider, in turn; a
 logits processor stamps every token and a round's figure is the median gap between
 consecutive tokens. Reported per provider: the median over rounds (ms/token), the median of the
-per-round ratios to ``kept`` (and to ``kvpress``) and, for ``csp``, to ``csp_eager``; and the
+per-round ratios to ``kept`` (and to ``kvpress``) and, for ``csp``, to ``csp_eager``; the
+prefill (the call to the first token's logits: the prompt's forward, pruning included) and its
+median per-round ratio to ``full``'s, the unpruned prefill; and the
 bytes bound: the bytes a step must read (the decoder's and the LM head's weights, one
 embedding row, the KV the step attends over: the static buffers' capacity for CSP) divided by
 the read bandwidth this process measures (a sum over a 512 MiB tensor, best of 5).
@@ -89,15 +91,18 @@ def _kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
 
 
-def _decode_ms(model, inputs, press=None) -> float:
+def _generate(model, inputs, press=None) -> tuple[float, float]:
+    """One ``generate``: its prefill (seconds from the call to the first token's logits) and
+    its decode (median ms between consecutive tokens)."""
     clock = TokenClock()
     with contextlib.nullcontext() if press is None else press(model):
+        start = time.perf_counter()
         model.generate(
             **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
         )  # fmt: skip
     gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
-    return 1e3 * statistics.median(gaps)
+    return clock.stamps[0] - start, 1e3 * statistics.median(gaps)
 
 
 def _held_by_press(model, inputs, press) -> int:
@@ -137,11 +142,14 @@ def _run(benchmark, shape):
     inputs["kept"] = image_heavy_prompt(full, kept)
     warm = image_heavy_prompt(full, 1024, seed=1)
     for name, model in models.items():  # compilation and first-touch costs out of the rounds
-        _decode_ms(model, warm, presses.get(name))
+        _generate(model, warm, presses.get(name))
     times: dict[str, list[float]] = {name: [] for name in models}
+    prefills: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(ROUNDS):
         for name, model in models.items():
-            times[name].append(_decode_ms(model, inputs[name], presses.get(name)))
+            prefill, ms = _generate(model, inputs[name], presses.get(name))
+            prefills[name].append(prefill)
+            times[name].append(ms)
     bandwidth = read_bandwidth()
     weights, per_token = _weight_bytes(full), _kv_bytes_per_token(full)
     capacity = models["csp"].csp_backend.cache.layers[0].keys.shape[2]
@@ -163,7 +171,13 @@ def _run(benchmark, shape):
             "speedup_vs_kept": statistics.median(
                 k / t for k, t in zip(times["kept"], ts, strict=True)
             ),
+            "prefill_s": statistics.median(prefills[name]),
+            "prefill_rounds_s": prefills[name],
         }  # fmt: skip
+        if name != "kept":  # (its prompt is the kept tokens only)
+            result[name]["prefill_vs_full"] = statistics.median(
+                p / f for p, f in zip(prefills[name], prefills["full"], strict=True)
+            )
     result["csp"]["speedup_vs_eager"] = statistics.median(
         e / c for e, c in zip(times["csp_eager"], times["csp"], strict=True)
     )
@@ -180,4 +194,4 @@ def _run(benchmark, shape):
                 "context": lengths["full"], "new_tokens": NEW, "dtype": "float32"},
     )  # fmt: skip
     # pytest-benchmark's own figure: one whole CSP generate
-    benchmark.pedantic(_decode_ms, args=(models["csp"], inputs["csp"]), rounds=1, iterations=1)
+    benchmark.pedantic(_generate, args=(models["csp"], inputs["csp"]), rounds=1, iterations=1)

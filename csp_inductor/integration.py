@@ -398,21 +398,37 @@ def csp_attention(
             and chunk is None and not layer.spec.latent and query.shape[2] == key.shape[2]
             and (query.is_cuda or not torch.compiler.is_compiling())
         )  # fmt: skip
-        lse = None
+        # Elsewhere (the CPU) a window scorer's last W rows are computed once, explicitly, for
+        # both their attention and the scores; the fast kernel runs on the other rows
+        shared_rows = (
+            stores and backend.kernel == "sdpa" and not query.is_cuda and model_mask is None
+            and window is None and chunk is None and not layer.spec.latent
+            and query.shape[2] == key.shape[2] and not backend.layer_inputs
+        )  # fmt: skip
+        lse = window_scores = None
         with label("csp::prefill_attention"):
-            out = prefill_attention(
-                query, key, value, scale=scale, key_padding=backend.key_padding,
-                sliding_window=None if model_mask is not None else window,
-                chunk=None if model_mask is not None else chunk, starts=backend.starts,
-                kernel=backend.kernel, model_mask=model_mask, return_lse=return_lse,
-            )  # fmt: skip
+            if shared_rows:
+                out, window_scores = torch.ops.csp_inductor.window_prefill(
+                    query, key, value, backend.is_image, backend.key_padding,
+                    backend.prefill_index, scale,
+                )  # fmt: skip
+            else:
+                out = prefill_attention(
+                    query, key, value, scale=scale, key_padding=backend.key_padding,
+                    sliding_window=None if model_mask is not None else window,
+                    chunk=None if model_mask is not None else chunk, starts=backend.starts,
+                    kernel=backend.kernel, model_mask=model_mask, return_lse=return_lse,
+                )  # fmt: skip
         if return_lse:
             out, lse = out
         if stores:
             _remember(cache, layer, query, backend.key_padding, backend.is_image)
             if layer.spec.latent:  # store the latents
                 (key, value), layer.prompt = layer.prompt, None
-            _compact(module, cache, layer, query, key, value, scale, cache.lengths, lse)
+            _compact(
+                module, cache, layer, query, key, value, scale, cache.lengths, lse,
+                window_scores=window_scores,
+            )  # fmt: skip
         return out, None
     layer = cache.layers[source]
     _check_heads(layer.spec, query, key)
@@ -465,7 +481,9 @@ def _check_heads(spec, query: Tensor, key: Tensor) -> None:
         )
 
 
-def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, turn=False):
+def _compact(
+    module, cache, layer, query, key, value, scale, kept, lse=None, turn=False, window_scores=None
+):
     """Select one layer's kept tokens of the prompt (``kept[b]`` per row), or of a turn, which
     go after the kept prefix at their absolute positions, and store them. An MLA layer stores
     its latents and scores in their space. A policy that ranks by the layer's own inputs gets
@@ -482,5 +500,5 @@ def _compact(module, cache, layer, query, key, value, scale, kept, lse=None, tur
     torch.ops.csp_inductor.compact_(
         query, key, value, backend.is_image, backend.key_padding, layer.keys, layer.values,
         layer.positions, kept, index, scale, score_key, lse, start, offset,
-        layer.images, scores,
+        layer.images, scores, window_scores,
     )  # fmt: skip

@@ -9,9 +9,13 @@ neither Triton nor CUDA: the CUDA implementations import the kernels when first 
 - ``csp_inductor::n_softmax(x, n, dim)`` -> like ``x``
 - ``csp_inductor::write_decode_``, ``remember_``, ``reprune_``: in-place cache writes (new
   tokens, a bounded cache's recent queries, its re-prune)
+- ``csp_inductor::window_prefill(query, key, value, is_image, key_padding?, policy, scale)``
+  -> the prompt's causal attention (b, L, hq, d) and a window scorer's scores (b, hkv, 2, L)
+  fp32, its window rows computed once for both
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
-  positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?)``: prefill (or a
-  conversation turn's) selection + compaction into the cache buffers
+  positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?, images_out!?,
+  scores?, window_scores?)``: prefill (or a conversation turn's) selection + compaction into
+  the cache buffers
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import math
 import torch
 from torch import Tensor
 
+from .attention import prefill_attention
 from .policies import Policy
 from .profiling import label
-from .scoring import decomposed_scores_torch, n_softmax_torch
+from .scoring import decomposed_scores_torch, n_softmax_torch, window_attention_torch
 
 
 @torch.library.custom_op("csp_inductor::decomposed_scores", mutates_args=())
@@ -84,6 +89,58 @@ def register_policy(policy: Policy) -> int:
     return _POLICY_IDS[policy]
 
 
+@torch.library.custom_op("csp_inductor::window_prefill", mutates_args=())
+def window_prefill_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    is_image: Tensor,
+    key_padding: Tensor | None,
+    policy: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """The prompt's causal attention, (b, L, hq, d) as :func:`prefill_attention` returns it,
+    and the window scores of ``policy`` (:func:`register_policy`), (b, hkv, 2, L) fp32,
+    computed together: the scoring's logits of the last ``W`` queries give those rows'
+    attention too, so the fast causal kernel runs on the other ``L - W`` rows only.
+
+    For a policy that scores no window (or a batch it scores otherwise, see
+    :meth:`Policy.scoring_window`) it is the plain prefill attention and the scores are zeros:
+    :func:`compact_op` makes the same decision and does not read them."""
+    chosen = _POLICIES[int(policy)]
+    b, hkv, seq, _ = key.shape
+    window = chosen.scoring_window(seq, key_padding)
+    if window is None:
+        out = prefill_attention(
+            query, key, value, scale=scale, key_padding=key_padding, sliding_window=None,
+            kernel="sdpa",
+        )  # fmt: skip
+        return out, key.new_zeros((b, hkv, 2, seq), dtype=torch.float32)
+    width = window.mask.shape[1]
+    head = seq - width
+    with label("csp::window_attention"):
+        rows, scores = window_attention_torch(
+            query[:, :, head:], key, value, is_image, chosen.window_n, scale, key_padding,
+            window.mask.to(query.device),
+        )  # fmt: skip
+    out = query.new_empty((b, seq, query.shape[1], value.shape[-1]))
+    out[:, head:] = rows.transpose(1, 2)
+    if head:
+        out[:, :head] = prefill_attention(
+            query[:, :, :head], key[:, :, :head], value[:, :, :head], scale=scale,
+            key_padding=None if key_padding is None else key_padding[:, :head],
+            sliding_window=None, kernel="sdpa",
+        )  # fmt: skip
+    return out, scores
+
+
+@window_prefill_op.register_fake
+def _(query, key, value, is_image, key_padding, policy, scale):
+    b, hq, seq, _ = query.shape
+    out = query.new_empty((b, seq, hq, value.shape[-1]))
+    return out, key.new_empty((b, key.shape[1], 2, seq), dtype=torch.float32)
+
+
 @torch.library.custom_op(
     "csp_inductor::compact_",
     mutates_args=("keys_out", "values_out", "positions_out", "images_out"),
@@ -106,6 +163,7 @@ def compact_op(
     offset: Tensor | None = None,
     images_out: Tensor | None = None,
     scores: Tensor | None = None,
+    window_scores: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
@@ -121,12 +179,15 @@ def compact_op(
     ``offset + idx`` (``offset`` () long, the tokens before the turn). ``images_out``
     (b, hkv, capacity) bool, a bounded cache's: the stored tokens' modality (False past them).
     ``scores`` (b, hkv, L): what a policy that needs the layer's inputs ranks by
-    (:attr:`Policy.needs_layer_inputs`), computed by the caller.
+    (:attr:`Policy.needs_layer_inputs`), computed by the caller. ``window_scores``
+    (b, hkv, 2, L) fp32: what :func:`window_prefill_op` computed for the same policy, read when
+    the policy scores this prompt's window.
     """
     chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
     with label("csp::selection"):  # scoring included
-        window_scores = None
+        if window_scores is not None and chosen.scoring_window(key.shape[2], key_padding) is None:
+            window_scores = None  # zeros: the policy scores no window here
         if lse is not None:
             window_scores = _scores_from_lse(
                 chosen, query, scored, is_image, key_padding, lse, scale

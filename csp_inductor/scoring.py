@@ -134,6 +134,54 @@ def decomposed_scores_torch(
     contributes nothing whatever its given value.
     ``columns`` (with ``lse`` only): score the first ``columns`` keys, the others get 0 (the
     keys a policy keeps anyway, its recent window, need no score)."""
+    scores, _ = _window_pass(
+        q_window, k, None, is_image, n, scale, key_padding, window_mask, lse, columns,
+        chunk_elements,
+    )  # fmt: skip
+    return scores
+
+
+def window_attention_torch(
+    q_window: Tensor,
+    k: Tensor,
+    v: Tensor,
+    is_image: Tensor,
+    n: float,
+    scale: float,
+    key_padding: Tensor | None,
+    window_mask: Tensor | None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """The causal attention of the prompt's last ``W`` queries and their decomposed scores,
+    from one set of logits: the prefill then needs its fast kernel for the other rows only.
+
+    Returns the rows' output (batch, q_heads, W, head_dim) in ``q_window``'s dtype, and the
+    scores :func:`decomposed_scores_torch` gives for the same arguments (the same operations
+    in the same order: equal to the last bit). Padding keys are masked for every row; a row
+    with no key to attend (a padding query with only padding before it) gets zeros, not the
+    don't-care value an unmasked padding query gets from the prefill's kernel."""
+    scores, out = _window_pass(
+        q_window, k, v, is_image, n, scale, key_padding, window_mask, None, None,
+        chunk_elements,
+    )  # fmt: skip
+    return out, scores
+
+
+def _window_pass(
+    q_window: Tensor,
+    k: Tensor,
+    v: Tensor | None,
+    is_image: Tensor,
+    n: float,
+    scale: float,
+    key_padding: Tensor | None,
+    window_mask: Tensor | None,
+    lse: Tensor | None,
+    columns: int | None,
+    chunk_elements: int,
+) -> tuple[Tensor, Tensor | None]:
+    """The chunked window pass: the decomposed scores, and the rows' attention output when
+    the values ``v`` are given (None otherwise)."""
     b, hq, w, d = q_window.shape
     hkv, full = k.shape[1], k.shape[2]
     seq = full if lse is None or columns is None else columns
@@ -144,7 +192,9 @@ def decomposed_scores_torch(
     # dim as the inner dimension, the matmul is measured ~1.5x faster this way round than
     # Q·Kᵀ on CPU, and the per-key accumulation is then a product with the rows' weights.
     keys = k.float()
+    values = None if v is None else v.float()
     queries = (q_window.float() * scale).view(b, hkv, group, w, d)
+    out = None if v is None else torch.empty(b, hkv, group, w, v.shape[-1], device=device)
     pad = key_padding
     if pad is None:
         pad = torch.zeros(b, full, dtype=torch.bool, device=device)
@@ -187,14 +237,22 @@ def decomposed_scores_torch(
             chunk_lse = torch.where(chunk_lse.isfinite(), chunk_lse, math.inf)  # no inf - inf
             logits.sub_(chunk_lse[:, :, None]).exp_()
             weight = torch.sigmoid(chunk_lse - log_n)
+        probs = logits.view(b, hkv, seq, group * c)
+        if out is not None:
+            rows_out = (probs.transpose(-1, -2) @ values).view(b, hkv, group, c, -1)
+            norm = torch.where(total > 0, total.reciprocal(), 0.0)
+            out[:, :, :, start:stop] = rows_out * norm[..., None]
         coef = weight[..., None] * rows_onehot[:, None, None, start:stop]  # (b, hkv, g, c, 2)
-        acc += logits.view(b, hkv, seq, group * c) @ coef.reshape(b, hkv, group * c, 2)
+        acc += probs @ coef.reshape(b, hkv, group * c, 2)
     c_img, c_txt = acc.unbind(dim=-1)
     key_img = is_image[:, None, :seq]
     scores = torch.stack(
         [torch.where(key_img, c_img, c_txt), torch.where(key_img, c_txt, c_img)], dim=2
     )
-    return torch.nn.functional.pad(scores, (0, full - seq))
+    scores = torch.nn.functional.pad(scores, (0, full - seq))
+    if out is None:
+        return scores, None
+    return scores, out.view(b, hq, w, -1).to(q_window.dtype)
 
 
 def _check_scoring_inputs(

@@ -202,6 +202,37 @@ def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("inputs", list(LSE_PROMPTS.values()), ids=list(LSE_PROMPTS))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cpu_prefill_computes_the_window_rows_once(inputs, compiled, monkeypatch):
+    """On the CPU a window scorer's last rows are attended by the scoring pass itself: every
+    layer goes through it, and the model keeps the tokens, and gives the logits, of the
+    FlexAttention path, which attends to all rows in its kernel and scores from its LSE."""
+    calls = []
+    given = csp_inductor.scoring.window_attention_torch
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return given(*args, **kwargs)
+
+    monkeypatch.setattr(csp_inductor.ops, "window_attention_torch", spy)
+    shared = csp_inductor.compile(tiny_llava(), CSP(), compile=compiled)
+    flex = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
+    runs = []
+    for model in (shared, flex):
+        cache = model.csp_backend.new_cache(decode_capacity=1)
+        with torch.no_grad():
+            logits = model(**inputs, past_key_values=cache).logits
+        kept = max(cache.lengths.tolist())  # (flex rounds its buffers up to its block)
+        runs.append((logits, [layer.positions[..., :kept].clone() for layer in cache.layers]))
+    window = CSP().scoring_window(inputs["input_ids"].shape[1], None).mask.shape[1]
+    assert calls == [window] * 3
+    (ours, our_positions), (theirs, their_positions) = runs
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for mine, other in zip(our_positions, their_positions, strict=True):
+        assert torch.equal(mine, other)
+
+
 def _attention_modules(model):
     return [layer.self_attn for layer in model.model.language_model.layers]
 

@@ -87,6 +87,65 @@ def test_scores_from_the_attentions_log_sum_exp(group):
     assert not ours[..., columns:].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_window_rows_attention_and_scores_from_one_pass(group, dtype):
+    """The prefill's window rows: their causal attention (with padding) from the same logits
+    as their scores, which equal the scorer's own to the last bit. Row 1's padding reaches
+    into the window: its padding queries there get zeros (finite), its real ones the usual."""
+    seq, window = 61, 19
+    p = random_prompt(2, 4 * group, 4, seq, 16, pads=[0, 45], layout="mixed", dtype=dtype)
+    v = torch.randn(p.k.shape, generator=torch.Generator().manual_seed(group)).to(dtype)
+    mask = torch.arange(window) >= torch.tensor([[4], [0]])  # a shorter own window in row 0
+    args = (p.q[:, :, -window:], p.k, p.is_image, 1.0, 0.25, p.key_padding, mask)
+    out, scores = csp_inductor.scoring.window_attention_torch(
+        args[0], p.k, v, *args[2:], chunk_elements=seq * 4 * group * 3
+    )
+    assert out.dtype == dtype and out.shape == (2, 4 * group, window, 16)
+    alone = csp_inductor.scoring.decomposed_scores_torch(*args, chunk_elements=seq * 4 * group * 3)
+    assert torch.equal(scores, alone)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    allowed = (causal & ~p.key_padding[:, None, :])[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        p.q.double(), p.k.double(), v.double(), attn_mask=allowed, scale=0.25, enable_gqa=True
+    )[:, :, -window:]
+    padding_rows = p.key_padding[:, -window:]  # (row 1: 45 - 42 = 3 padding queries)
+    real = ~padding_rows[:, None, :, None]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close((out.double() * real), want.nan_to_num() * real, rtol=tol, atol=tol)
+    assert int(padding_rows.sum()) == 3
+    assert not out[1][:, padding_rows[1]].any()
+
+
+def test_window_prefill_op_is_the_prefill_attention_and_the_policy_scores():
+    """One prompt attention for every row, and the window scorer's scores, from the op the
+    CPU prefill calls; a policy that scores no window gets the plain attention."""
+    from csp_inductor.attention import prefill_attention
+    from csp_inductor.ops import register_policy
+
+    p = random_prompt(2, 4, 2, 80, 16, pads=[0, 9], layout="blocks", seed=3)
+    v = torch.randn_like(p.k)
+    want = prefill_attention(
+        p.q, p.k, v, scale=0.25, key_padding=p.key_padding, sliding_window=None, kernel="sdpa"
+    )
+    real = ~p.key_padding[:, :, None, None]  # padding queries are don't-care
+    for policy in (csp_inductor.CSP(0.3), csp_inductor.SnapKV(0.3), csp_inductor.H2O(0.3)):
+        index = torch.tensor(register_policy(policy))
+        args = (p.q, p.k, v, p.is_image, p.key_padding, index, 0.25)
+        out, scores = torch.ops.csp_inductor.window_prefill(*args)
+        torch.testing.assert_close(out * real, want * real, rtol=1e-5, atol=1e-6)
+        window = policy.scoring_window(80, p.key_padding)
+        assert (window is None) == isinstance(policy, csp_inductor.H2O)
+        if window is not None:
+            width = window.mask.shape[1]
+            alone = csp_inductor.scoring.decomposed_scores_torch(
+                p.q[:, :, -width:], p.k, p.is_image, policy.window_n, 0.25, p.key_padding,
+                window.mask,
+            )  # fmt: skip
+            assert torch.equal(scores, alone)
+        torch.library.opcheck(torch.ops.csp_inductor.window_prefill.default, args)
+
+
 def test_self_plus_cross_is_the_total_column_sum():
     p = random_prompt(1, 4, 4, 50, 8, layout="blocks")
     s = csp_inductor.decomposed_scores(p.q[:, :, -10:], p.k, p.is_image, n=0.0)
