@@ -3,6 +3,7 @@ share a few graphs, a compiler failure falls back to eager with one warning and 
 results, and the inputs that used to crash (no cache, right padding, a cache implementation,
 a report before the first prompt, a policy switch) work."""
 
+import sys
 import warnings
 
 import pytest
@@ -12,7 +13,13 @@ import csp_inductor
 from csp_inductor import CSP, Full, SnapKV
 from csp_inductor.compile import CompiledForward
 from csp_inductor.evaluation import haystack as hs
-from csp_inductor.testing import TEXT_IDS, tiny_inputs, tiny_model
+from csp_inductor.testing import (
+    TEXT_IDS,
+    assert_same_generation,
+    greedy,
+    tiny_inputs,
+    tiny_model,
+)
 
 BATCH_SIZES = (1, 2, 3, 4, 5, 6)
 IMAGES = (2, 5, 9)  # three prompt lengths (rows of a batch differ by up to two images more)
@@ -98,6 +105,40 @@ def test_a_first_prompt_as_long_as_the_hidden_size_leaves_the_prefill_dynamic():
         assert torch.equal(generate(model, inputs), generate(eager, inputs))
     assert model.csp_backend.graphs == 2  # prefill and decode
     assert model.csp_backend.fallback is None
+
+
+def test_the_lm_head_of_a_decode_step_is_one_compiled_reduction(monkeypatch):
+    """Up to 4 fp32 rows the LM head runs as the compiled multiply-and-sum (the same logits
+    within 1e-4 and the same tokens as the module's own forward); more rows, a compiler
+    failure (one warning) and ``restore`` give the module's own forward back."""
+    rows = []
+    module = sys.modules["csp_inductor.compile"]  # (the package's compile is the function)
+    reduction = module._head_reduction
+
+    def spy(hidden, weight, bias):
+        rows.append(hidden.numel() // hidden.shape[-1])
+        return reduction(hidden, weight, bias)
+
+    monkeypatch.setattr(module, "_head_reduction", spy)
+    model = csp_inductor.compile(tiny_model("llava"), CSP())
+    eager = csp_inductor.compile(tiny_model("llava"), CSP(), compile=False)
+    for batch, pads in ((1, None), (4, [0, 3, 5, 9]), (5, [0, 1, 2, 3, 4])):
+        rows.clear()
+        inputs = tiny_inputs(model, "llava", batch=batch, pads=pads)
+        assert_same_generation(greedy(model, inputs, 4), greedy(eager, inputs, 4))
+        assert rows == ([batch] * 4 if batch <= 4 else [])  # the prompt's last token, 3 steps
+
+    def broken(*args):
+        raise torch._dynamo.exc.TorchDynamoException("no compiler here")
+
+    monkeypatch.setattr(module, "_head_reduction", broken)
+    inputs = tiny_inputs(model, "llava")
+    with pytest.warns(RuntimeWarning, match="LM head") as record:
+        got = greedy(model, inputs, 4)
+    assert sum("LM head" in str(w.message) for w in record) == 1
+    assert_same_generation(got, greedy(eager, inputs, 4))
+    csp_inductor.restore(model)
+    assert "forward" not in vars(model.lm_head)
 
 
 @pytest.fixture
