@@ -69,7 +69,7 @@ def test_prefill_scoring_overhead(benchmark, heads, context):
     providers = {"attention": attention, "csp": csp, "csp_lse": reuse, "csp_shared": shared}
     medians, ratios = interleaved(providers, ROUNDS, warmup=1)
     record(
-        benchmark, provider="csp",
+        benchmark, provider="csp_shared",
         shapes={"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": HEAD_DIM,
                 "context": context, "window": window, "dtype": "float32"},
         interleaved_s=medians,

@@ -30,11 +30,14 @@ import copy
 import functools
 import inspect
 import math
+import sys
 import types
+import unittest.mock
 import warnings
 from typing import NamedTuple
 
 import torch
+import torch._inductor.fx_passes.decompose_mem_bound_mm as _decompose_mm
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
@@ -123,6 +126,7 @@ class Backend:
         self.decode_capacity = decode_capacity
         self.compile, self.dynamic = compile, dynamic
         self.compiled: CompiledForward | None = None  # the compiled decoder forward
+        self.head: CompiledHead | None = None  # the compiled LM head of decode steps
         self.active: PrunedCache | None = None  # the cache of the running forward, if any
         self.cache = self.new_cache()  # the cache of the last forward that had one
         self.is_image: torch.Tensor | None = None
@@ -174,6 +178,11 @@ class Backend:
         """Why the compiled decoder runs eagerly (a compiler failure), or None."""
         return None if self.compiled is None else self.compiled.failure
 
+    @property
+    def head_fallback(self) -> str | None:
+        """Why the LM head runs its own forward in decode steps (a compiler failure), or None."""
+        return None if self.head is None else self.head.failure
+
     # --- set-up and undo --------------------------------------------------------------------
     def install(self) -> None:
         model = self.model
@@ -211,8 +220,8 @@ class Backend:
             head = (
                 model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             )
-            if isinstance(head, nn.Linear):
-                head.forward = CompiledHead(head)
+            if type(head) is nn.Linear:  # (a subclass may compute something else)
+                head.forward = self.head = CompiledHead(head)
                 self._undo.append(functools.partial(delattr, head, "forward"))
         model.csp_backend = self
         self._undo.append(functools.partial(delattr, model, "csp_backend"))
@@ -814,19 +823,14 @@ class CompiledForward:
 
         self.signature = inspect.signature(forward)
 
-        def trampoline(*args, **kwargs):
-            return forward(*args, **kwargs)
-
-        code = trampoline.__code__.replace(co_name=f"csp_decoder_forward_{id(self):x}")
-        own = types.FunctionType(code, trampoline.__globals__, code.co_name, None,
-                                 trampoline.__closure__)  # fmt: skip
+        own = _own_code(forward, f"csp_decoder_forward_{id(self):x}")
         self.compiled = torch.compile(own, backend=self._inductor, fullgraph=True, dynamic=dynamic)
 
     def _inductor(self, graph, example_inputs):
         # bf16/fp16 intermediates rounded where eager rounds them (Inductor would keep fused
         # chains in fp32): the compiled decoder then gives the eager model's tokens, which
         # keeping more precision flips on close calls (a no-op for fp32 models)
-        with torch._inductor.config.patch(emulate_precision_casts=True):
+        with torch._inductor.config.patch(emulate_precision_casts=True), _one_row_products():
             compiled = torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
         self.graphs += 1  # counted once compiled: Dynamo may restart an analysis mid-way
         return compiled
@@ -849,8 +853,9 @@ class CompiledForward:
             # No duck sizing: a prompt as long as the hidden size would otherwise share the
             # hidden dim's symbol, be specialised with it by the weights' matmul, and make the
             # first prefill graph static, recompiling at the next prompt length.
+            positional, named = _by_name(bound)
             with torch.fx.experimental._config.patch(use_duck_shape=False):
-                return self.compiled(*bound.args, **bound.kwargs)
+                return self.compiled(*positional, **named)
         except COMPILER_ERRORS as error:
             out = self.eager(*args, **kwargs)  # the model's own errors surface here
             self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -874,8 +879,9 @@ class CompiledForward:
 HEAD_REDUCTION_ROWS = {torch.float32: 4, torch.bfloat16: 2}
 
 
-@torch.compile(fullgraph=True, dynamic=True)
 def _head_reduction(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    if not torch.compiler.is_compiling():  # (Dynamo disabled: never the (rows, V, H) product)
+        return torch.nn.functional.linear(hidden, weight, bias)
     logits = (hidden[..., None, :] * weight).sum(dim=-1)
     return logits if bias is None else logits + bias
 
@@ -887,38 +893,94 @@ class CompiledHead:
     matrix-vector product that streams the largest matrix of the model once. MKL's GEMV reads
     such a weight, larger than the last-level cache, at half the machine's read bandwidth;
     Inductor's fused multiply-and-sum streams it at about the read bandwidth (bench/README.md).
-    Used for a CPU weight (a plain tensor) of a dtype in :data:`HEAD_REDUCTION_ROWS` and at most
-    that many rows; anything else, and every call after a compiler failure (one warning), runs
-    the module's own forward."""
+    Used for a plain ``nn.Linear`` with a CPU weight (a plain tensor: not split by a TP plan)
+    of a dtype in :data:`HEAD_REDUCTION_ROWS`, at most that many rows and no autocast; anything
+    else, and every call after a compiler failure (one warning), runs the module's own forward.
+    Like the decoder's, its graphs have their own code object and recompile limit.
+    """
 
     def __init__(self, head: nn.Linear):
         self.head = head
         self.eager = head.forward
-        self.failure: str | None = None
+        self.graphs = 0  # graphs compiled so far
+        self.failure: str | None = None  # why the head runs its own forward, once it does
+        own = _own_code(_head_reduction, f"csp_lm_head_{id(self):x}")
+        self.compiled = torch.compile(own, backend=self._inductor, fullgraph=True, dynamic=True)
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _inductor(self, graph, example_inputs):
+        compiled = torch._dynamo.lookup_backend("inductor")(graph, example_inputs)
+        self.graphs += 1
+        return compiled
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear.forward's name)
         weight = self.head.weight
-        rows = hidden.numel() // max(1, hidden.shape[-1])
+        rows = input.numel() // max(1, input.shape[-1])
         if (
             self.failure is not None or weight.device.type != "cpu"
-            or type(weight.data) is not torch.Tensor  # (a DTensor: split by a TP plan)
-            or hidden.dtype != weight.dtype or rows > HEAD_REDUCTION_ROWS.get(weight.dtype, 0)
+            or type(weight.data) is not torch.Tensor or input.dtype != weight.dtype
+            or rows > HEAD_REDUCTION_ROWS.get(weight.dtype, 0)
+            or torch.is_autocast_enabled("cpu")
         ):  # fmt: skip
-            return self.eager(hidden)
+            return self.eager(input)
         try:
             # a fresh 2D copy (a few rows): the prompt's last token (a slice, at an offset into
             # its storage) and a step's hidden states share one graph
-            flat = hidden.reshape(rows, hidden.shape[-1]).clone()
-            return _head_reduction(flat, weight, self.head.bias).view(*hidden.shape[:-1], -1)
+            flat = input.reshape(rows, input.shape[-1]).clone()
+            return self.compiled(flat, weight, self.head.bias).view(*input.shape[:-1], -1)
         except COMPILER_ERRORS as error:
             self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             warnings.warn(
                 f"csp_inductor: torch.compile failed on the LM head ({self.failure}); it runs "
                 "its own forward from now on, with the same results.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            return self.eager(hidden)
+            return self.eager(input)
+
+
+@contextlib.contextmanager
+def _one_row_products():
+    """While Inductor compiles: a one-row matrix product on the CPU (every linear layer of a
+    batch-1 decode step) becomes a fused multiply-and-sum, which streams the weight at about
+    the read bandwidth where MKL's GEMV gets half of it (bench/README.md). Inductor's pass
+    stops at weights of 2048 per side by default; here any size."""
+    options = {**torch._inductor.config.post_grad_fusion_options, "decompose_mm_pass": {}}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch._inductor.config.patch(post_grad_fusion_options=options))
+        limit = "cpu_max_other_dimension_decomposition"
+        if hasattr(_decompose_mm, limit):  # (a module-level limit in torch 2.13)
+            stack.enter_context(unittest.mock.patch.object(_decompose_mm, limit, sys.maxsize))
+        yield
+
+
+def _own_code(fn, name: str):
+    """``fn`` behind a trampoline with a code object of its own, named ``name``: Dynamo keys
+    graphs and its recompile limit by code object, so what is compiled from it is counted
+    apart from every other caller of ``fn``."""
+
+    def trampoline(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    code = trampoline.__code__.replace(co_name=name)
+    return types.FunctionType(code, trampoline.__globals__, name, None, trampoline.__closure__)
+
+
+def _by_name(bound: inspect.BoundArguments) -> tuple[tuple, dict]:
+    """``bound``'s arguments as ``(args, kwargs)`` with every parameter that has a name passed
+    by it: passed by position, a decorated forward (transformers' output capturing, run as
+    Python when Dynamo is disabled) can receive one twice (``use_cache``)."""
+    args, kwargs = [], {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            args.append(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            args.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
 
 
 def _reset_output_capturing() -> None:

@@ -398,11 +398,11 @@ def csp_attention(
             and chunk is None and not layer.spec.latent and query.shape[2] == key.shape[2]
             and (query.is_cuda or not torch.compiler.is_compiling())
         )  # fmt: skip
-        # Elsewhere (the CPU) a window scorer's last W rows are computed once, explicitly, for
-        # both their attention and the scores; the fast kernel runs on the other rows
+        # On the CPU a window scorer's last W rows are computed once, explicitly, for both
+        # their attention and the scores; the fast kernel runs on the other rows
         shared_rows = (
-            stores and backend.kernel == "sdpa" and not query.is_cuda and model_mask is None
-            and window is None and chunk is None and not layer.spec.latent
+            stores and backend.kernel == "sdpa" and query.device.type == "cpu"
+            and model_mask is None and window is None and chunk is None and not layer.spec.latent
             and query.shape[2] == key.shape[2] and not backend.layer_inputs
         )  # fmt: skip
         lse = window_scores = None

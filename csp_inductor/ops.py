@@ -107,8 +107,13 @@ def window_prefill_op(
     For a policy that scores no window (or a batch it scores otherwise, see
     :meth:`Policy.scoring_window`) it is the plain prefill attention and the scores are zeros:
     :func:`compact_op` makes the same decision and does not read them."""
-    chosen = _POLICIES[int(policy)]
     b, hkv, seq, _ = key.shape
+    if query.shape[2] != seq:
+        raise ValueError(
+            f"window_prefill needs a query for every key, got {query.shape[2]} queries for "
+            f"{seq} keys"
+        )
+    chosen = _POLICIES[int(policy)]
     window = chosen.scoring_window(seq, key_padding)
     if window is None:
         out = prefill_attention(

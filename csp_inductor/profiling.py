@@ -3,6 +3,9 @@
 The library marks its phases with :func:`label` (``torch.profiler.record_function``):
 
 - ``csp::scoring``     CSP's decomposed window scores (inside the prefill compaction op);
+- ``csp::window_attention`` the CPU prefill's window rows: their attention and their scores
+  from the same logits (``csp_inductor::window_prefill``; the scoring is then not labelled
+  ``csp::scoring``);
 - ``csp::selection``   a policy's ``select`` (scores -> kept indices, scoring included);
 - ``csp::compaction``  the gather of the kept K/V into the cache buffers;
 - ``csp::prefill_attention`` / ``csp::decode_attention``: the attention kernels.

@@ -134,7 +134,7 @@ def decomposed_scores_torch(
     contributes nothing whatever its given value.
     ``columns`` (with ``lse`` only): score the first ``columns`` keys, the others get 0 (the
     keys a policy keeps anyway, its recent window, need no score)."""
-    scores, _ = _window_pass(
+    _, scores = _window_pass(
         q_window, k, None, is_image, n, scale, key_padding, window_mask, lse, columns,
         chunk_elements,
     )  # fmt: skip
@@ -160,11 +160,10 @@ def window_attention_torch(
     in the same order: equal to the last bit). Padding keys are masked for every row; a row
     with no key to attend (a padding query with only padding before it) gets zeros, not the
     don't-care value an unmasked padding query gets from the prefill's kernel."""
-    scores, out = _window_pass(
+    return _window_pass(
         q_window, k, v, is_image, n, scale, key_padding, window_mask, None, None,
         chunk_elements,
     )  # fmt: skip
-    return out, scores
 
 
 def _window_pass(
@@ -179,9 +178,10 @@ def _window_pass(
     lse: Tensor | None,
     columns: int | None,
     chunk_elements: int,
-) -> tuple[Tensor, Tensor | None]:
-    """The chunked window pass: the decomposed scores, and the rows' attention output when
-    the values ``v`` are given (None otherwise)."""
+) -> tuple[Tensor | None, Tensor]:
+    """The chunked window pass: the rows' attention output when the values ``v`` are given
+    (None otherwise; with ``lse`` they cannot be), and the decomposed scores."""
+    assert v is None or lse is None, "the rows' output needs their own maxima and sums"
     b, hq, w, d = q_window.shape
     hkv, full = k.shape[1], k.shape[2]
     seq = full if lse is None or columns is None else columns
@@ -194,7 +194,9 @@ def _window_pass(
     keys = k.float()
     values = None if v is None else v.float()
     queries = (q_window.float() * scale).view(b, hkv, group, w, d)
-    out = None if v is None else torch.empty(b, hkv, group, w, v.shape[-1], device=device)
+    out = None
+    if v is not None:
+        out = torch.empty(b, hkv, group, w, v.shape[-1], dtype=torch.float32, device=device)
     pad = key_padding
     if pad is None:
         pad = torch.zeros(b, full, dtype=torch.bool, device=device)
@@ -251,8 +253,8 @@ def _window_pass(
     )
     scores = torch.nn.functional.pad(scores, (0, full - seq))
     if out is None:
-        return scores, None
-    return scores, out.view(b, hq, w, -1).to(q_window.dtype)
+        return None, scores
+    return out.view(b, hq, w, -1).to(q_window.dtype), scores
 
 
 def _check_scoring_inputs(

@@ -3,11 +3,11 @@ share a few graphs, a compiler failure falls back to eager with one warning and 
 results, and the inputs that used to crash (no cache, right padding, a cache implementation,
 a report before the first prompt, a policy switch) work."""
 
-import sys
 import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import csp_inductor
 from csp_inductor import CSP, Full, SnapKV
@@ -107,38 +107,59 @@ def test_a_first_prompt_as_long_as_the_hidden_size_leaves_the_prefill_dynamic():
     assert model.csp_backend.fallback is None
 
 
-def test_the_lm_head_of_a_decode_step_is_one_compiled_reduction(monkeypatch):
+def test_the_lm_head_of_a_decode_step_is_one_compiled_reduction():
     """Up to 4 fp32 rows the LM head runs as the compiled multiply-and-sum (the same logits
-    within 1e-4 and the same tokens as the module's own forward); more rows, a compiler
-    failure (one warning) and ``restore`` give the module's own forward back."""
-    rows = []
-    module = sys.modules["csp_inductor.compile"]  # (the package's compile is the function)
-    reduction = module._head_reduction
-
-    def spy(hidden, weight, bias):
-        rows.append(hidden.numel() // hidden.shape[-1])
-        return reduction(hidden, weight, bias)
-
-    monkeypatch.setattr(module, "_head_reduction", spy)
+    within 1e-4 and the same tokens as the module's own forward), in one graph of its own; more
+    rows, a compiler failure (one warning), Dynamo disabled and ``restore`` give the module's
+    own forward back."""
     model = csp_inductor.compile(tiny_model("llava"), CSP())
     eager = csp_inductor.compile(tiny_model("llava"), CSP(), compile=False)
+    head = model.csp_backend.head
+    rows = []
+    compiled = head.compiled
+
+    def spy(hidden, weight, bias):
+        rows.append(hidden.shape[0])
+        return compiled(hidden, weight, bias)
+
+    head.compiled = spy
     for batch, pads in ((1, None), (4, [0, 3, 5, 9]), (5, [0, 1, 2, 3, 4])):
         rows.clear()
         inputs = tiny_inputs(model, "llava", batch=batch, pads=pads)
         assert_same_generation(greedy(model, inputs, 4), greedy(eager, inputs, 4))
         assert rows == ([batch] * 4 if batch <= 4 else [])  # the prompt's last token, 3 steps
+    assert head.graphs == 2  # batch 1 and batch > 1 (Dynamo specialises size 1)
+
+    inputs = tiny_inputs(model, "llava")
+    with torch.compiler.set_stance("force_eager"):  # its Python body runs: F.linear
+        assert_same_generation(greedy(model, inputs, 4), greedy(eager, inputs, 4))
 
     def broken(*args):
         raise torch._dynamo.exc.TorchDynamoException("no compiler here")
 
-    monkeypatch.setattr(module, "_head_reduction", broken)
-    inputs = tiny_inputs(model, "llava")
+    head.compiled = broken
     with pytest.warns(RuntimeWarning, match="LM head") as record:
         got = greedy(model, inputs, 4)
     assert sum("LM head" in str(w.message) for w in record) == 1
     assert_same_generation(got, greedy(eager, inputs, 4))
+    assert model.csp_backend.head_fallback.startswith("TorchDynamoException")
     csp_inductor.restore(model)
     assert "forward" not in vars(model.lm_head)
+
+
+def test_a_batch_1_decode_step_streams_its_weights_in_fused_reductions():
+    """Every linear layer of the compiled batch-1 decode step is a multiply-and-sum, not a
+    matrix product (the prefill's are not: their rows are many); the tokens and logits are
+    the eager backend's."""
+    model = csp_inductor.compile(tiny_model("llava"), CSP())
+    eager = csp_inductor.compile(tiny_model("llava"), CSP(), compile=False)
+    inputs = tiny_inputs(model, "llava")
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # (a cache hit skips the passes)
+        assert_same_generation(greedy(model, inputs, 4), greedy(eager, inputs, 4))
+    layers = model.config.text_config.num_hidden_layers
+    decomposed = counters["inductor"]["decompose_mm"] + counters["inductor"]["decompose_addmm"]
+    assert decomposed == 7 * layers  # q, k, v, o, gate, up, down
 
 
 @pytest.fixture
