@@ -20,6 +20,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -210,43 +211,50 @@ def _window_pass(
     log_n = _log(n)
     row_lse = None if lse is None else lse.view(b, hkv, group, w)
 
-    acc = torch.zeros(b, hkv, seq, 2, dtype=torch.float32, device=device)
+    # per key: the n-softmax weight it gets from image queries (row 0) and from text ones (1)
+    acc = torch.zeros(b, hkv, 2, seq, dtype=torch.float32, device=device)
     # chunks of whole rows, at most 64 logit columns (group·rows) per matmul and a bounded
-    # number of logits in memory
-    chunk = max(1, min(w, 64 // group, chunk_elements // max(1, b * hq * seq)))
+    # number of logits in memory; one (batch, KV head) at a time: oneDNN's linear is measured
+    # ~2x faster than the batched matmul for the (seq, 64) x (64, 64·) products on CPU, and
+    # one head's logits stay in the last-level cache for the passes that follow
+    chunk = max(1, min(w, 64 // group, chunk_elements // max(1, group * seq)))
     for start in range(0, w, chunk):
         stop = min(w, start + chunk)
         c = stop - start
-        rows = queries[:, :, :, start:stop].reshape(b, hkv, group * c, d)
-        logits = (keys @ rows.transpose(-1, -2)).view(b, hkv, seq, group, c)
         # causality only bites in the keys after the chunk's first query
         first = full - w + start + 1
         q_pos = torch.arange(full - w + start, full - w + stop, device=device)
-        future = key_pos[first:, None] > q_pos[None, :]  # (seq - first, c)
-        logits[:, :, first:].masked_fill_(future[:, None], -math.inf)
-        if key_padding is not None:
-            logits.masked_fill_(pad[:, None, :seq, None, None], -math.inf)
-        if row_lse is None:
-            # one exp pass: P·total = exp(s - max), LSE = max + log(total)
-            row_max = logits.amax(dim=2, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-            logits.sub_(row_max).exp_()
-            total = logits.sum(dim=2)  # (b, hkv, g, c); 0 for a fully masked row
-            chunk_lse = row_max[:, :, 0] + total.log()
-            # a fully masked row (a padding query) has total = 0 and contributes nothing
-            weight = torch.where(total > 0, torch.sigmoid(chunk_lse - log_n) / total, 0.0)
-        else:
-            chunk_lse = row_lse[..., start:stop]
-            chunk_lse = torch.where(chunk_lse.isfinite(), chunk_lse, math.inf)  # no inf - inf
-            logits.sub_(chunk_lse[:, :, None]).exp_()
-            weight = torch.sigmoid(chunk_lse - log_n)
-        probs = logits.view(b, hkv, seq, group * c)
-        if out is not None:
-            rows_out = (probs.transpose(-1, -2) @ values).view(b, hkv, group, c, -1)
-            norm = torch.where(total > 0, total.reciprocal(), 0.0)
-            out[:, :, :, start:stop] = rows_out * norm[..., None]
-        coef = weight[..., None] * rows_onehot[:, None, None, start:stop]  # (b, hkv, g, c, 2)
-        acc += probs @ coef.reshape(b, hkv, group * c, 2)
-    c_img, c_txt = acc.unbind(dim=-1)
+        future = key_pos[first:, None, None] > q_pos  # (seq - first, 1, c)
+        for i in range(b):
+            for j in range(hkv):
+                rows = queries[i, j, :, start:stop].reshape(group * c, d)
+                logits = F.linear(keys[i, j], rows).view(seq, group, c)
+                logits[first:].masked_fill_(future, -math.inf)
+                if key_padding is not None:
+                    logits.masked_fill_(pad[i, :seq, None, None], -math.inf)
+                if row_lse is None:
+                    # one exp pass: P·total = exp(s - max), LSE = max + log(total)
+                    row_max = logits.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
+                    logits.sub_(row_max).exp_()
+                    total = logits.sum(dim=0)  # (g, c); 0 for a fully masked row
+                    chunk_lse = row_max + total.log()
+                    # a fully masked row (a padding query) has total = 0 and contributes nothing
+                    weight = torch.where(total > 0, torch.sigmoid(chunk_lse - log_n) / total, 0.0)
+                else:
+                    chunk_lse = row_lse[i, j, :, start:stop]
+                    # no inf - inf
+                    chunk_lse = torch.where(chunk_lse.isfinite(), chunk_lse, math.inf)
+                    logits.sub_(chunk_lse).exp_()
+                    weight = torch.sigmoid(chunk_lse - log_n)
+                probs = logits.view(seq, group * c)
+                if out is not None:
+                    rows_out = (probs.T @ values[i, j]).view(group, c, -1)
+                    norm = torch.where(total > 0, total.reciprocal(), 0.0)
+                    out[i, j, :, start:stop] = rows_out * norm[..., None]
+                coef = weight[..., None] * rows_onehot[i, None, start:stop]  # (g, c, 2)
+                # (2, g·c) x (g·c, seq): measured faster than the (seq, g·c) x (g·c, 2) form
+                acc[i, j].addmm_(coef.reshape(group * c, 2).T, probs.T)
+    c_img, c_txt = acc.unbind(dim=2)
     key_img = is_image[:, None, :seq]
     scores = torch.stack(
         [torch.where(key_img, c_img, c_txt), torch.where(key_img, c_txt, c_img)], dim=2
