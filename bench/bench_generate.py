@@ -19,6 +19,10 @@ one after the other in the same pytest run, and reports:
 - ``phase_ms``: totals of the ``csp::`` profiler labels (scoring, selection = scoring + top-k,
   compaction) over all layers, from ``torch.profiler`` around the whole ``generate`` (both
   providers run under it); ``csp_overhead`` = (selection + compaction) / prefill_s;
+- ``bound_ms``: the bytes bound of a decode step: the bytes it reads (the decoder's and the
+  LM head's weights, one embedding row, the KV it attends over) over the read bandwidth the
+  worker measures (a sum over a 512 MiB tensor, best of 5); ``decode_vs_bound`` = the
+  measured ms per token over it (not for ``csp_tp``);
 - ``kv_bytes``: bytes of the cache's K/V tensors after ``generate``; for CSP also ``kept``,
   ``capacity`` and ``kv_bytes_per_token``, with the check kv_bytes == capacity × per token;
 - ``peak_rss_growth`` (``ru_maxrss`` growth during ``generate``, model and inputs allocated
@@ -83,7 +87,8 @@ def worker(argv: list[str]) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tp", action="store_true", help="under torchrun: split the model (TP plan)")
     args = p.parse_args(argv)
-    from conftest import TokenClock  # before the thread count: importing it sets its default
+    # before the thread count: importing conftest sets its default
+    from conftest import TokenClock, read_bandwidth, step_weight_bytes
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
@@ -102,7 +107,10 @@ def worker(argv: list[str]) -> dict:
         )
         model = model.maybe_distribute_model(model, config, mesh)
     inputs = image_heavy_prompt(model, args.context)
-    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    # no end-of-sequence token: every generate makes new_tokens without min_new_tokens, whose
+    # logits processors scan the vocabulary at every step (a cost of the benchmark)
+    model.generation_config.eos_token_id = None
+    gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
     pressing = contextlib.nullcontext  # what each generate runs under
     if args.provider == "csp":
         csp_inductor.compile(model, csp_inductor.CSP(budget=args.budget))
@@ -114,7 +122,7 @@ def worker(argv: list[str]) -> dict:
     start = time.perf_counter()
     warm = image_heavy_prompt(model, min(1024, args.context), seed=1)
     with pressing():
-        model.generate(**warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        model.generate(**warm, max_new_tokens=4, do_sample=False)
     compile_s = time.perf_counter() - start
     del warm
     _trim()
@@ -172,6 +180,19 @@ def worker(argv: list[str]) -> dict:
         k0 = layers_kv[0][0]
         result["kv_bytes_per_token"] = 2 * layers * k0.shape[1] * k0.shape[3] * k0.element_size()
         result["kv_tokens"] = int(k0.shape[2])
+    if steps and not args.tp:  # (a rank of a split model reads its part of the weights)
+        # a step reads the weights and the KV it attends over: CSP's static buffers, or the
+        # growing cache (its mean length over the steps)
+        attended = result.get("capacity") or result["kv_tokens"] - steps / 2
+        read = step_weight_bytes(model) + attended * result["kv_bytes_per_token"]
+        bandwidth = read_bandwidth()
+        result.update(
+            read_bandwidth=bandwidth,
+            bytes_per_step=read,
+            bound_ms=1e3 * read / bandwidth,
+            decode_ms_per_token=1e3 / result["decode_tok_s"],
+        )
+        result["decode_vs_bound"] = result["decode_ms_per_token"] / result["bound_ms"]
     return result
 
 

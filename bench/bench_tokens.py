@@ -39,7 +39,7 @@ import time
 
 import pytest
 import torch
-from conftest import TokenClock, env_int, env_ints, record
+from conftest import TokenClock, env_int, env_ints, read_bandwidth, record, step_weight_bytes
 from transformers import LogitsProcessorList
 
 import csp_inductor
@@ -59,30 +59,6 @@ MODELS = [
     tuple(int(x) for x in shape.split(","))
     for shape in os.environ.get("CSP_BENCH_TOKENS_MODELS", "512,4,8,8;1024,4,16,4").split(";")
 ]
-
-
-def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes per second this process reads: a sum over a ``mib`` MiB fp32 tensor, best of
-    ``repeats`` (the first touch excluded)."""
-    x = torch.ones(mib * 2**20 // 4)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return x.nbytes / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _weight_bytes(model) -> int:
-    """What a decode step reads of the weights: the text decoder and the LM head, one row of
-    the embedding table (the vision tower is not run)."""
-    text = model.model.language_model
-    embed = text.get_input_embeddings().weight
-    decoder = sum(p.nbytes for n, p in text.named_parameters() if not n.startswith("embed"))
-    return decoder + model.lm_head.weight.nbytes + embed[0].nbytes
 
 
 def _kv_bytes_per_token(model) -> int:
@@ -156,7 +132,7 @@ def _run(benchmark, shape):
             prefills[name].append(prefill)
             times[name].append(ms)
     bandwidth = read_bandwidth()
-    weights, per_token = _weight_bytes(full), _kv_bytes_per_token(full)
+    weights, per_token = step_weight_bytes(full), _kv_bytes_per_token(full)
     capacity = models["csp"].csp_backend.cache.layers[0].keys.shape[2]
     lengths = {name: int(x["input_ids"].shape[1]) for name, x in inputs.items()}
     kv_tokens = {"full": lengths["full"], "kept": lengths["kept"], "csp_eager": capacity,

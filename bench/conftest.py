@@ -97,6 +97,29 @@ def record(benchmark, **info) -> None:
     benchmark.extra_info.update(machine=machine(), versions=versions(), **info)
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this process reads: a sum over a ``mib`` MiB fp32 tensor, best of
+    ``repeats`` (the first touch excluded)."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best
+
+
+def step_weight_bytes(model) -> int:
+    """What a decode step of :func:`csp_inductor.profiling.long_context_llava` reads of the
+    weights: the text decoder and the LM head, one row of the embedding table (the vision tower
+    is not run)."""
+    text = model.model.language_model
+    embed = text.get_input_embeddings().weight
+    decoder = sum(p.nbytes for n, p in text.named_parameters() if not n.startswith("embed"))
+    return decoder + model.lm_head.weight.nbytes + embed[0].nbytes
+
+
 class TokenClock:
     """A logits processor that timestamps every generation step (the first = after prefill)."""
 
