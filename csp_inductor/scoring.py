@@ -189,9 +189,8 @@ def _window_pass(
     k = k[:, :, :seq]
     group = hq // hkv
     device = k.device
-    # Logits are formed transposed, (b, hkv, seq, group·rows) = K·Qᵀ: with the 64-wide head
-    # dim as the inner dimension, the matmul is measured ~1.5x faster this way round than
-    # Q·Kᵀ on CPU, and the per-key accumulation is then a product with the rows' weights.
+    # Logits are formed transposed, (seq, group·rows) = K·Qᵀ per KV head; the per-key
+    # accumulation is then a product with the rows' weights.
     keys = k.float()
     values = None if v is None else v.float()
     queries = (q_window.float() * scale).view(b, hkv, group, w, d)

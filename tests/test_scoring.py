@@ -59,7 +59,8 @@ def test_chunking_does_not_change_the_result():
     p = random_prompt(2, 4, 2, 97, 16, pads=[0, 11], layout="mixed")
     args = (p.q[:, :, -31:], p.k, p.is_image, 1.0, 0.25, p.key_padding, None)
     whole = csp_inductor.scoring.decomposed_scores_torch(*args)
-    chunked = csp_inductor.scoring.decomposed_scores_torch(*args, chunk_elements=97 * 8 * 3)
+    # 3 rows per chunk: a chunk holds group·rows·seq logits (one KV head at a time)
+    chunked = csp_inductor.scoring.decomposed_scores_torch(*args, chunk_elements=2 * 3 * 97)
     torch.testing.assert_close(whole, chunked)
 
 
@@ -76,7 +77,7 @@ def test_scores_from_the_attentions_log_sum_exp(group):
     )  # fmt: skip
     args = (p.q[:, :, -window:], p.k, p.is_image, 1.0, 0.25, None, mask[None])
     ours = csp_inductor.scoring.decomposed_scores_torch(
-        *args, lse=lse[:, :, -window:], columns=columns, chunk_elements=90 * 16 * 3
+        *args, lse=lse[:, :, -window:], columns=columns, chunk_elements=group * 3 * columns
     )
     ref = reference.decomposed_scores(
         p.q[:, :, -window:].double(), p.k.double(), p.is_image, n=1.0, scale=0.25,
@@ -99,10 +100,10 @@ def test_window_rows_attention_and_scores_from_one_pass(group, dtype):
     mask = torch.arange(window) >= torch.tensor([[4], [0]])  # a shorter own window in row 0
     args = (p.q[:, :, -window:], p.k, p.is_image, 1.0, 0.25, p.key_padding, mask)
     out, scores = csp_inductor.scoring.window_attention_torch(
-        args[0], p.k, v, *args[2:], chunk_elements=seq * 4 * group * 3
+        args[0], p.k, v, *args[2:], chunk_elements=group * seq
     )
     assert out.dtype == dtype and out.shape == (2, 4 * group, window, 16)
-    alone = csp_inductor.scoring.decomposed_scores_torch(*args, chunk_elements=seq * 4 * group * 3)
+    alone = csp_inductor.scoring.decomposed_scores_torch(*args, chunk_elements=group * seq)
     assert torch.equal(scores, alone)
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     allowed = (causal & ~p.key_padding[:, None, :])[:, None]
