@@ -390,20 +390,23 @@ def csp_attention(
         layer = cache.layers[index] if stores else None
         if stores:
             _check_heads(layer.spec, query, key)
+        # a stored layer's prompt rows plain causal: no model mask, window or chunk, no latents
+        plain = (
+            stores and model_mask is None and window is None and chunk is None
+            and not layer.spec.latent and query.shape[2] == key.shape[2]
+        )  # fmt: skip
         # FlexAttention's per-row log-sum-exp is the scorer's where the rows are plain causal
         # (on CPU, reusing SDPA's is measured no faster: bench/bench_prefill.py; Inductor's CPU
         # flex cannot return it, torch 2.13)
         return_lse = (
-            stores and backend.kernel == "flex" and model_mask is None and window is None
-            and chunk is None and not layer.spec.latent and query.shape[2] == key.shape[2]
+            plain and backend.kernel == "flex"
             and (query.is_cuda or not torch.compiler.is_compiling())
         )  # fmt: skip
         # On the CPU a window scorer's last W rows are computed once, explicitly, for both
         # their attention and the scores; the fast kernel runs on the other rows
         shared_rows = (
-            stores and backend.kernel == "sdpa" and query.device.type == "cpu"
-            and model_mask is None and window is None and chunk is None and not layer.spec.latent
-            and query.shape[2] == key.shape[2] and not backend.layer_inputs
+            plain and backend.kernel == "sdpa" and query.device.type == "cpu"
+            and not backend.layer_inputs
         )  # fmt: skip
         lse = window_scores = None
         with label("csp::prefill_attention"):
