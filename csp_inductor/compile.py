@@ -52,6 +52,7 @@ from . import compat
 from .attention import FLEX_BLOCK, choose_kernel, decode_block_mask, leading_padding
 from .cache import LayerSpec, PrunedCache
 from .distributed import check_layout
+from .fused import COMPILER_ERRORS
 from .integration import Family, csp_attention, detect, modality, model_mask, self_attention
 from .ops import register_policy
 from .policies import CSP, Full, Policy, Reconstruction
@@ -781,14 +782,6 @@ def _reprune_layers(buffers, ring_positions, ring_images, lengths, kept, policy,
             keys, values, positions, images, queries[0] if queries else None, ring_positions,
             ring_images, lengths, kept, policy, scale,
         )  # fmt: skip
-
-
-# What torch.compile raises when it cannot compile (as opposed to errors of the model's code,
-# which eager execution raises again).
-COMPILER_ERRORS = (
-    torch._dynamo.exc.TorchDynamoException,
-    torch._dynamo.exc.FailOnRecompileLimitHit,
-)
 
 
 # Outputs that transformers records with a context manager Dynamo cannot trace: a call that

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
+from .fused import Fused
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -217,9 +218,12 @@ def _window_pass(
     # ~2x faster than the batched matmul for the (seq, 64) x (64, 64·) products on CPU, and
     # one head's logits stay in the last-level cache for the passes that follow
     chunk = max(1, min(w, 64 // group, chunk_elements // max(1, group * seq)))
+    # the CPU kernel, for every chunk but one of a single row (or a single key)
+    fused = device.type == "cpu" and seq > 1
     for start in range(0, w, chunk):
         stop = min(w, start + chunk)
         c = stop - start
+        exp_shifted_ = _fused_exp_shifted_ if fused and group * c > 1 else _exp_shifted_
         # causality only bites in the keys after the chunk's first query
         first = full - w + start + 1
         q_pos = torch.arange(full - w + start, full - w + stop, device=device)
@@ -227,32 +231,33 @@ def _window_pass(
         for i in range(b):
             for j in range(hkv):
                 rows = queries[i, j, :, start:stop].reshape(group * c, d)
-                logits = F.linear(keys[i, j], rows).view(seq, group, c)
-                logits[first:].masked_fill_(future, -math.inf)
+                probs = F.linear(keys[i, j], rows)  # (seq, g·c)
+                probs.view(seq, group, c)[first:].masked_fill_(future, -math.inf)
                 if key_padding is not None:
-                    logits.masked_fill_(pad[i, :seq, None, None], -math.inf)
+                    probs.masked_fill_(pad[i, :seq, None], -math.inf)
                 if row_lse is None:
-                    # one exp pass: P·total = exp(s - max), LSE = max + log(total)
-                    row_max = logits.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
-                    logits.sub_(row_max).exp_()
-                    total = logits.sum(dim=0)  # (g, c); 0 for a fully masked row
+                    # P·total = exp(s - max), LSE = max + log(total)
+                    row_max = probs.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
+                    exp_shifted_(probs, row_max)
+                    total = probs.sum(dim=0)  # 0 for a fully masked row
                     chunk_lse = row_max + total.log()
                     # a fully masked row (a padding query) has total = 0 and contributes nothing
                     weight = torch.where(total > 0, torch.sigmoid(chunk_lse - log_n) / total, 0.0)
                 else:
-                    chunk_lse = row_lse[i, j, :, start:stop]
+                    chunk_lse = row_lse[i, j, :, start:stop].reshape(group * c)
                     # no inf - inf
                     chunk_lse = torch.where(chunk_lse.isfinite(), chunk_lse, math.inf)
-                    logits.sub_(chunk_lse).exp_()
+                    exp_shifted_(probs, chunk_lse)
                     weight = torch.sigmoid(chunk_lse - log_n)
-                probs = logits.view(seq, group * c)
                 if out is not None:
-                    rows_out = (probs.T @ values[i, j]).view(group, c, -1)
+                    rows_out = probs.T @ values[i, j]
                     norm = torch.where(total > 0, total.reciprocal(), 0.0)
-                    out[i, j, :, start:stop] = rows_out * norm[..., None]
-                coef = weight[..., None] * rows_onehot[i, None, start:stop]  # (g, c, 2)
-                # (2, g·c) x (g·c, seq): 2x faster than (seq, g·c) x (g·c, 2) on one thread
-                acc[i, j].addmm_(coef.reshape(group * c, 2).T, probs.T)
+                    out[i, j, :, start:stop] = (rows_out * norm[:, None]).view(group, c, -1)
+                # (seq, g·c) x (g·c,) per modality: ~2.5x faster than one (2, g·c) x (g·c, seq)
+                # product, measured on CPU
+                coef = weight.view(group, c, 1) * rows_onehot[i, None, start:stop]
+                for m in range(2):
+                    acc[i, j, m].addmv_(probs, coef[..., m].reshape(group * c))
     c_img, c_txt = acc.unbind(dim=2)
     key_img = is_image[:, None, :seq]
     scores = torch.stack(
@@ -262,6 +267,16 @@ def _window_pass(
     if out is None:
         return None, scores
     return out.view(b, hq, w, -1).to(q_window.dtype), scores
+
+
+def _exp_shifted_(logits: Tensor, shift: Tensor) -> None:
+    """In place: ``logits`` (seq, cols) fp32 become ``exp(logit - shift[col])``."""
+    logits.sub_(shift).exp_()
+
+
+# the CPU kernel: measured ~2.5x faster than eager's two passes for a (16384, 64) chunk.
+# Dynamo specialises a size of 1: the window pass calls it for larger chunks only
+_fused_exp_shifted_ = Fused(_exp_shifted_, "the scoring's exponentials")
 
 
 def _check_scoring_inputs(

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -145,6 +146,42 @@ def test_window_prefill_op_is_the_prefill_attention_and_the_policy_scores():
             )  # fmt: skip
             assert torch.equal(scores, alone)
         torch.library.opcheck(torch.ops.csp_inductor.window_prefill.default, args)
+
+
+def test_fused_exponentials_match_the_eager_ops():
+    """The CPU kernel of the window pass (Inductor's) against eager's ops, masked keys and a
+    column with no key included, at two chunk shapes."""
+    from csp_inductor.scoring import _exp_shifted_, _fused_exp_shifted_
+
+    torch.manual_seed(0)
+    for seq, cols in ((300, 64), (77, 12)):
+        logits = torch.randn(seq, cols) * 4
+        logits[seq // 2 :, 3] = -math.inf
+        logits[:, 5] = -math.inf
+        shift = logits.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
+        eager, fused = logits.clone(), logits.clone()
+        _exp_shifted_(eager, shift)
+        _fused_exp_shifted_(fused, shift)
+        torch.testing.assert_close(fused, eager, rtol=1e-6, atol=0.0)
+        assert fused[:, 5].eq(0).all() and fused[seq // 2 :, 3].eq(0).all()
+    assert _fused_exp_shifted_.failure is None
+
+
+def test_a_fused_kernel_the_compiler_fails_on_runs_eagerly_with_one_warning(monkeypatch):
+    from csp_inductor.fused import Fused
+
+    def fail(*args):
+        raise torch._dynamo.exc.TorchDynamoException("no compiler here")
+
+    fused = Fused(torch.Tensor.exp_, "a test chain")
+    monkeypatch.setattr(fused, "compiled", fail)
+    x = torch.randn(5)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on a test chain"):
+        assert torch.equal(fused(x.clone()), x.exp())
+    assert fused.failure.startswith("TorchDynamoException: no compiler here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fused(x.clone()), x.exp())
 
 
 def test_self_plus_cross_is_the_total_column_sum():
