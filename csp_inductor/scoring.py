@@ -28,6 +28,10 @@ from .fused import Fused
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# The window pass runs its exponentials as an Inductor kernel for chunks of at least this many
+# logits (a 4k-token prompt's, at 64 logit columns); below, the kernel's first compilation
+# (seconds) costs more than it saves
+FUSED_MIN_LOGITS = 1 << 18
 
 
 def n_softmax(x: Tensor, n: float = 1.0, dim: int = -1) -> Tensor:
@@ -218,12 +222,14 @@ def _window_pass(
     # ~2x faster than the batched matmul for the (seq, 64) x (64, 64·) products on CPU, and
     # one head's logits stay in the last-level cache for the passes that follow
     chunk = max(1, min(w, 64 // group, chunk_elements // max(1, group * seq)))
-    # the CPU kernel, for every chunk but one of a single row (or a single key)
-    fused = device.type == "cpu" and seq > 1
+    fused = device.type == "cpu"
     for start in range(0, w, chunk):
         stop = min(w, start + chunk)
         c = stop - start
-        exp_shifted_ = _fused_exp_shifted_ if fused and group * c > 1 else _exp_shifted_
+        # the CPU kernel for chunks large enough (and not of a single column, a size Dynamo
+        # would specialise a graph for)
+        big = fused and group * c > 1 and seq * group * c >= FUSED_MIN_LOGITS
+        exp_shifted_ = _fused_exp_shifted_ if big else _exp_shifted_
         # causality only bites in the keys after the chunk's first query
         first = full - w + start + 1
         q_pos = torch.arange(full - w + start, full - w + stop, device=device)
@@ -274,8 +280,7 @@ def _exp_shifted_(logits: Tensor, shift: Tensor) -> None:
     logits.sub_(shift).exp_()
 
 
-# the CPU kernel: measured ~2.5x faster than eager's two passes for a (16384, 64) chunk.
-# Dynamo specialises a size of 1: the window pass calls it for larger chunks only
+# the CPU kernel: measured ~2.5x faster than eager's two passes for a (16384, 64) chunk
 _fused_exp_shifted_ = Fused(_exp_shifted_, "the scoring's exponentials")
 
 

@@ -91,10 +91,20 @@ def test_scores_from_the_attentions_log_sum_exp(group):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4])
-def test_window_rows_attention_and_scores_from_one_pass(group, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_window_rows_attention_and_scores_from_one_pass(group, dtype, fused, monkeypatch):
     """The prefill's window rows: their causal attention (with padding) from the same logits
     as their scores, which equal the scorer's own to the last bit. Row 1's padding reaches
-    into the window: its padding queries there get zeros (finite), its real ones the usual."""
+    into the window: its padding queries there get zeros (finite), its real ones the usual.
+    ``fused``: the exponentials through the CPU kernel at any size (it takes chunks of more
+    than one logit column, here those of ``group`` 4)."""
+    calls = []
+    kernel = csp_inductor.scoring._fused_exp_shifted_
+    monkeypatch.setattr(
+        csp_inductor.scoring, "_fused_exp_shifted_", lambda *a: calls.append(1) or kernel(*a)
+    )
+    if fused:
+        monkeypatch.setattr(csp_inductor.scoring, "FUSED_MIN_LOGITS", 0)
     seq, window = 61, 19
     p = random_prompt(2, 4 * group, 4, seq, 16, pads=[0, 45], layout="mixed", dtype=dtype)
     v = torch.randn(p.k.shape, generator=torch.Generator().manual_seed(group)).to(dtype)
@@ -117,6 +127,7 @@ def test_window_rows_attention_and_scores_from_one_pass(group, dtype):
     torch.testing.assert_close((out.double() * real), want.nan_to_num() * real, rtol=tol, atol=tol)
     assert int(padding_rows.sum()) == 3
     assert not out[1][:, padding_rows[1]].any()
+    assert bool(calls) == (fused and group > 1)
 
 
 def test_window_prefill_op_is_the_prefill_attention_and_the_policy_scores():
@@ -149,22 +160,27 @@ def test_window_prefill_op_is_the_prefill_attention_and_the_policy_scores():
 
 
 def test_fused_exponentials_match_the_eager_ops():
-    """The CPU kernel of the window pass (Inductor's) against eager's ops, masked keys and a
-    column with no key included, at two chunk shapes."""
+    """The CPU kernel of the window pass (Inductor's) against eager's ops, masked keys, a
+    column with no key and an infinite shift included, at two chunk shapes, one graph."""
     from csp_inductor.scoring import _exp_shifted_, _fused_exp_shifted_
 
     torch.manual_seed(0)
+    graphs = []
     for seq, cols in ((300, 64), (77, 12)):
         logits = torch.randn(seq, cols) * 4
         logits[seq // 2 :, 3] = -math.inf
         logits[:, 5] = -math.inf
         shift = logits.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
+        shift[7] = math.inf  # (a row the log-sum-exp path finds empty)
         eager, fused = logits.clone(), logits.clone()
         _exp_shifted_(eager, shift)
         _fused_exp_shifted_(fused, shift)
+        graphs.append(_fused_exp_shifted_.graphs)
         torch.testing.assert_close(fused, eager, rtol=1e-6, atol=0.0)
         assert fused[:, 5].eq(0).all() and fused[seq // 2 :, 3].eq(0).all()
+        assert fused[:, 7].eq(0).all() and fused[:, 8].gt(0).any()
     assert _fused_exp_shifted_.failure is None
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]  # compiled, and for any shape
 
 
 def test_a_fused_kernel_the_compiler_fails_on_runs_eagerly_with_one_warning(monkeypatch):
@@ -182,6 +198,25 @@ def test_a_fused_kernel_the_compiler_fails_on_runs_eagerly_with_one_warning(monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(fused(x.clone()), x.exp())
+
+
+def test_a_fused_kernel_runs_eagerly_under_a_dispatch_mode():
+    """Dynamo does not trace under a dispatch mode (a FLOP counter here): the function runs
+    as it is, and compiles once the mode is gone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from csp_inductor.fused import Fused
+
+    def double_(x):
+        x.mul_(2)
+
+    fused = Fused(double_, "a test chain")
+    x = torch.ones(6, 3)
+    with FlopCounterMode(display=False):
+        fused(x)
+    assert fused.graphs == 0 and fused.failure is None and x.eq(2).all()
+    fused(x)
+    assert fused.graphs == 1 and x.eq(4).all()
 
 
 def test_self_plus_cross_is_the_total_column_sum():
