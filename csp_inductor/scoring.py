@@ -237,7 +237,8 @@ def _window_pass(
         for i in range(b):
             for j in range(hkv):
                 rows = queries[i, j, :, start:stop].reshape(group * c, d)
-                probs = F.linear(keys[i, j], rows)  # (seq, g·c)
+                # (seq, g·c): the logits, which become the rows' exponentials in place
+                probs = F.linear(keys[i, j], rows)
                 probs.view(seq, group, c)[first:].masked_fill_(future, -math.inf)
                 if key_padding is not None:
                     probs.masked_fill_(pad[i, :seq, None], -math.inf)
