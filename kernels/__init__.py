@@ -1,1 +1,0 @@
-"""Triton kernels, shipped as ``csp_inductor.kernels``. Importing this package needs Triton."""

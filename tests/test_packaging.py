@@ -1,0 +1,110 @@
+"""The checkout shadows no installed package, the wheel ships the kernels as
+``csp_inductor.kernels``, and ``make``'s environments hold exactly their locks' versions.
+
+Whenever the repository root is first on ``sys.path`` (``python -m`` and pytest run from it, a
+user's script saved in the checkout), whatever is importable there hides an installed package of
+the same name: transformers >= 5.25 imports Hugging Face's ``kernels``, and ``kernels/`` is ours.
+So ``kernels/`` has no ``__init__.py`` (a folder without one never hides a package), and
+``csp_inductor/kernels`` links to it: the subpackage ``csp_inductor.kernels``.
+"""
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_FILES = ("aot.py", "aot_resources.json", "decomposed_scores.py", "n_softmax.py")
+
+
+def test_the_root_holds_no_importable_package_but_csp_inductor():
+    importable = [
+        path.name
+        for path in ROOT.iterdir()
+        if (path / "__init__.py").exists() or path.suffix in (".py", ".pth")
+    ]
+    assert importable == ["csp_inductor"]
+
+
+IMPORTS = f"""
+import importlib.metadata, importlib.util, sys
+sys.path.insert(0, {str(ROOT)!r})
+import csp_inductor.kernels.decomposed_scores, csp_inductor.kernels.n_softmax
+import transformers.integrations.hub_kernels
+try:
+    importlib.metadata.version("kernels")
+except importlib.metadata.PackageNotFoundError:  # transformers < 5.25 does not need it
+    from transformers.utils import is_kernels_available
+    assert not is_kernels_available()
+else:
+    import kernels
+    print(kernels.__file__)
+    from kernels import CUDAProperties  # what transformers 5.25 failed to import
+"""
+
+
+def test_installed_packages_import_with_the_root_first_on_sys_path():
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORTS], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert str(ROOT) not in out.stdout  # the real package, if any, not our folder
+
+
+def test_the_wheel_ships_the_kernels_as_a_subpackage(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    for name in ("csp_inductor", "kernels"):  # the link stays a link
+        shutil.copytree(ROOT / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", tmp_path, source], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"csp_inductor/kernels/{name}" for name in KERNEL_FILES} <= set(names)
+    assert not [name for name in names if name.startswith("kernels/")]
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site,
+                    wheel], check=True, capture_output=True)  # fmt: skip
+    code = "import csp_inductor.kernels.decomposed_scores as m; print(m.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    installed = Path(out.stdout.strip())
+    assert installed.parent == site / "csp_inductor" / "kernels"
+    assert (installed.parent / "aot_resources.json").exists()
+
+
+def _name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[_name(name)] = version
+    return pins
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CSP_LOCK"), reason="not run by make (CSP_LOCK names the lock it installed)"
+)
+def test_the_environment_holds_exactly_the_locks_versions():
+    pins = read_lock(ROOT / os.environ["CSP_LOCK"])
+    installed = {
+        _name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()
+    }
+    installed.pop("csp-inductor")
+    assert installed == pins
