@@ -7,6 +7,8 @@ Without CUDA, Triton kernels run on CPU tensors only in Triton's interpreter, wh
 when a kernel is decorated: so the variable is set here, before any test imports a kernel.
 """
 
+import contextlib
+import importlib.metadata
 import os
 
 import pytest
@@ -19,6 +21,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config):
+    """The versions under test: which environment CI's log comes from, locked or newest."""
+    versions = []
+    for name in ("torch", "transformers", "triton", "kernels", "kvpress", "lmms_eval"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+    lock = os.environ.get("CSP_LOCK")
+    return f"{', '.join(versions)} ({f'locked: {lock}' if lock else 'not from a lock'})"
 
 
 @pytest.fixture(scope="module")
