@@ -1,4 +1,4 @@
-"""Command line: ``python -m csp_inductor {demo,chat,eval,profile,train,kvpress} ...``."""
+"""Command line: ``python -m csp_inductor {demo,chat,eval,check,profile,train,kvpress} ...``."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def demo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("demo", "chat", "eval", "profile", "train", "kvpress")
+    commands = ("demo", "chat", "eval", "check", "profile", "train", "kvpress")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m csp_inductor {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2
@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.eval import main as eval_main
 
         return eval_main(rest)
+    if command == "check":
+        from .check import main as check_main
+
+        return check_main(rest)
     if command == "profile":
         from .profiling import main as profile_main
 

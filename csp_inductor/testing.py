@@ -183,13 +183,13 @@ def authors_dense_scores(
 
 
 # --- greedy generation, compared -------------------------------------------------------------
-def greedy(model, inputs: dict, new_tokens: int) -> tuple[Tensor, Tensor]:
-    """Greedy ``generate``: the new tokens (batch, new_tokens) and their logits (batch,
-    new_tokens, vocab)."""
+def greedy(model, inputs: dict, new_tokens: int, **options) -> tuple[Tensor, Tensor]:
+    """Greedy ``generate`` (``options``: more of its arguments): the new tokens (batch,
+    new_tokens) and their logits (batch, new_tokens, vocab)."""
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
+            return_dict_in_generate=True, **options,
         )  # fmt: skip
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
 
