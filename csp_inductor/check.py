@@ -79,7 +79,7 @@ def load(path: str, dtype, device: str) -> nn.Module:
     return model.to(device).eval()
 
 
-def describe(model: nn.Module, family) -> list[str]:
+def describe(family) -> list[str]:
     """Report lines: the decoder, the visual tokens, and each run of alike decoder layers."""
     visual = []
     if family.token_ids:
@@ -187,7 +187,7 @@ def run(args) -> int:
     except TypeError as e:
         print(f"{'refused':<{W}}{e}")
         return REFUSED
-    head, *layers = describe(model, family)
+    head, *layers = describe(family)
     print(f"{'decoder':<{W}}{head}")
     for line in layers:
         print(f"{'':<{W}}{line}")
