@@ -126,15 +126,18 @@ def prompt(path: str, model: nn.Module, family) -> tuple[dict, str]:
     visual tokens), made by the checkpoint's own processor or tokenizer, and what was made."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    failed = None  # why the processor could not be loaded, if only the tokenizer could
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as e:
+    except Exception as e:  # e.g. an image or video processor that needs torchvision
         try:
             processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception:
             raise Unusable(f"no processor or tokenizer could be loaded from {path}: {e}") from e
+        failed = f"{type(e).__name__}: {e}"
+        failed = failed if len(failed) <= 200 else failed[:200] + "..."
     image_token = getattr(processor, "image_token", None)
-    with_image = family.multimodal and image_token is not None
+    with_image = family.multimodal and image_token is not None and failed is None
     content = [{"type": "text", "text": QUESTION}]
     if with_image:
         content.insert(0, {"type": "image"})
@@ -165,7 +168,9 @@ def prompt(path: str, model: nn.Module, family) -> tuple[dict, str]:
         if isinstance(v, torch.Tensor)
     }
     made = "the model's processor" + (", a generated 256x256 image" if with_image else "")
-    if family.multimodal and not with_image:
+    if failed is not None:
+        made = f"the model's tokenizer, text only: its processor could not be loaded ({failed})"
+    elif family.multimodal and not with_image:
         made += " (text only: the processor has no image token)"
     return inputs, made
 
@@ -246,6 +251,8 @@ def run(args) -> int:
     )
     status = SERVED if exact else REFUSED
     verdict = "served" if exact else "NOT served: Full() differs from the unmodified model"
+    if exact and family.multimodal and not visual:
+        verdict += " for text (the prompt had no visual tokens: they are unchecked)"
     print(f"{'result':<{W}}{verdict} ({time.perf_counter() - started:.0f} s, exit {status})")
     return status
 

@@ -1,8 +1,10 @@
 """``python -m csp_inductor check``: its report and exit status on saved tiny checkpoints: the
-built-in model (served), a text-only LLM with its tokenizer (served), a refused family, a
-truncated weights file and a folder without a tokenizer (unusable), and a backend deliberately
+built-in model (served), a text-only LLM with its tokenizer (served), the built-in model whose
+image processor cannot load (served, on text alone, and said so), a refused family, a truncated
+weights file and a folder without a tokenizer or a config (unusable), and a backend deliberately
 broken so that ``Full()`` is no longer exact."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -60,6 +62,17 @@ def test_a_checkpoint_without_a_tokenizer_is_unusable(text_llm, capsys):
     assert main(["--model", str(text_llm)]) == UNUSABLE
     # (transformers makes an empty tokenizer of the config's class)
     assert "made a prompt the model cannot read" in capsys.readouterr().out
+
+
+def test_without_its_image_processor_a_vlm_is_checked_on_text(tmp_path, capsys):
+    shutil.copytree(BUILTIN_MODEL_PATH, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    config["image_processor"]["image_processor_type"] = "AbsentImageProcessor"
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    assert main(["--model", str(tmp_path)]) == SERVED
+    report = capsys.readouterr().out
+    assert "(0 visual), from the model's tokenizer, text only: its processor could not" in report
+    assert "served for text (the prompt had no visual tokens: they are unchecked)" in report
 
 
 def test_a_refused_family_exits_1_with_the_reason(tmp_path, capsys):
