@@ -137,7 +137,9 @@ def prompt(path: str, model: nn.Module, family) -> tuple[dict, str]:
         failed = f"{type(e).__name__}: {e}"
         failed = failed if len(failed) <= 200 else failed[:200] + "..."
     image_token = getattr(processor, "image_token", None)
-    with_image = family.multimodal and image_token is not None and failed is None
+    with_image = (
+        family.multimodal and image_token is not None and hasattr(processor, "image_processor")
+    )
     content = [{"type": "text", "text": QUESTION}]
     if with_image:
         content.insert(0, {"type": "image"})
@@ -171,7 +173,7 @@ def prompt(path: str, model: nn.Module, family) -> tuple[dict, str]:
     if failed is not None:
         made = f"the model's tokenizer, text only: its processor could not be loaded ({failed})"
     elif family.multimodal and not with_image:
-        made += " (text only: the processor has no image token)"
+        made += " (text only: it takes no images)"
     return inputs, made
 
 
