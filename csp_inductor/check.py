@@ -9,13 +9,15 @@ For a local checkpoint of any VLM or LLM (nothing is downloaded), in its own dty
    moved;
 3. the KV bytes ``CSP(0.2)`` holds after the same generation, against ``Full()``'s.
 
-Exit status: 0 served and exact; 1 refused, or not exact; 2 the checkpoint or its processor
-could not be loaded or prompted.
+Exit status: 0 served and exact; 1 refused, not exact, or the backend failed; 2 the checkpoint,
+its config, its processor or tokenizer, or the unmodified model itself failed, or the
+arguments are wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from itertools import groupby
 from pathlib import Path
@@ -41,9 +43,10 @@ class Unusable(Exception):
     """The checkpoint or its processor could not be loaded or prompted (exit status 2)."""
 
 
-def load(path: str, dtype, device: str) -> nn.Module:
+def load(path: str, dtype, device: str, remote: bool) -> nn.Module:
     """The checkpoint as an image-text-to-text model if transformers has one for its
-    ``model_type``, else as a causal LM; eval mode, on ``device``."""
+    ``model_type`` (or its own code declares one, with ``remote``), else as a causal LM; eval
+    mode, on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto import modeling_auto
     from transformers.utils import logging
@@ -52,12 +55,20 @@ def load(path: str, dtype, device: str) -> nn.Module:
         raise Unusable(f"no checkpoint folder at {path}")
     logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
     except Exception as e:  # transformers raises OSError, ValueError or KeyError by cause
-        raise Unusable(f"no transformers config could be read at {path}: {e}") from e
-    if config.model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        hint = "" if remote else " (a model with its own code needs --trust-remote-code)"
+        raise Unusable(f"no transformers config could be read at {path}: {e}{hint}") from e
+    own = (getattr(config, "auto_map", None) or {}) if remote else {}  # its own model classes
+    if (
+        config.model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        or "AutoModelForImageTextToText" in own
+    ):
         auto = AutoModelForImageTextToText
-    elif config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    elif (
+        config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or "AutoModelForCausalLM" in own
+    ):
         auto = AutoModelForCausalLM
     else:
         raise Unusable(
@@ -66,9 +77,11 @@ def load(path: str, dtype, device: str) -> nn.Module:
         )
     try:
         model, info = auto.from_pretrained(
-            path, local_files_only=True, dtype=dtype, output_loading_info=True
-        )
-    except Exception as e:  # a truncated or mismatched weights file, missing files, ...
+            path, local_files_only=True, dtype=dtype, output_loading_info=True,
+            trust_remote_code=remote,
+        )  # fmt: skip
+        model = model.to(device).eval()
+    except Exception as e:  # a truncated or mismatched weights file, out of memory, ...
         raise Unusable(
             f"the checkpoint at {path} could not be loaded: {type(e).__name__}: {e}"
         ) from e
@@ -76,7 +89,7 @@ def load(path: str, dtype, device: str) -> nn.Module:
     if missing:
         shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
         print(f"{'note':<{W}}{len(missing)} weights missing from the checkpoint: {shown}")
-    return model.to(device).eval()
+    return model
 
 
 def describe(family) -> list[str]:
@@ -121,34 +134,42 @@ def test_image():
     return Image.merge("RGB", (ramp, ramp.rotate(90), Image.radial_gradient("L")))
 
 
-def prompt(path: str, model: nn.Module, family) -> tuple[dict, str]:
+def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str]:
     """``generate`` inputs for one short question (with :func:`test_image` for a model with
     visual tokens), made by the checkpoint's own processor or tokenizer, and what was made."""
     from transformers import AutoProcessor, AutoTokenizer
 
     failed = None  # why the processor could not be loaded, if only the tokenizer could
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(
+            path, local_files_only=True, trust_remote_code=remote
+        )
     except Exception as e:  # e.g. an image or video processor that needs torchvision
         try:
-            processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            processor = AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=remote
+            )
         except Exception:
             raise Unusable(f"no processor or tokenizer could be loaded from {path}: {e}") from e
         failed = f"{type(e).__name__}: {e}"
         failed = failed if len(failed) <= 200 else failed[:200] + "..."
     image_token = getattr(processor, "image_token", None)
-    with_image = (
-        family.multimodal and image_token is not None and hasattr(processor, "image_processor")
-    )
-    content = [{"type": "text", "text": QUESTION}]
+    multimodal = hasattr(processor, "image_processor")  # (a bare tokenizer takes text only)
+    with_image = family.multimodal and image_token is not None and multimodal
+    # multimodal chat templates read a list of typed parts, text-only ones a string
+    content = PASSAGE
+    if multimodal:
+        content = [{"type": "text", "text": QUESTION if with_image else PASSAGE}]
     if with_image:
         content.insert(0, {"type": "image"})
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": content if with_image else PASSAGE}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = f"{image_token}\n{QUESTION}" if with_image else PASSAGE
     try:
+        if getattr(processor, "chat_template", None):
+            messages = [{"role": "user", "content": content}]
+            text = processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = f"{image_token}\n{QUESTION}" if with_image else PASSAGE
         if with_image:
             inputs = processor(text=[text], images=[test_image()], return_tensors="pt")
         else:
@@ -162,12 +183,12 @@ def prompt(path: str, model: nn.Module, family) -> tuple[dict, str]:
             f"ids up to {int(ids.max()) if ids.numel() else None} for {vocab} embeddings): is "
             "the model's tokenizer in the folder?"
         )
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    # what the model's forward takes (a generic tokenizer's token_type_ids would be refused)
+    takes = inspect.signature(model.forward).parameters
     inputs = {
-        k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
         for k, v in inputs.items()
-        if isinstance(v, torch.Tensor)
+        if isinstance(v, torch.Tensor) and k in takes
     }
     made = "the model's processor" + (", a generated 256x256 image" if with_image else "")
     if failed is not None:
@@ -183,11 +204,10 @@ def run(args) -> int:
     from .testing import greedy
 
     started = time.perf_counter()
-    model = load(args.model, DTYPES[args.dtype], args.device)
-    dtype = next(model.parameters()).dtype
+    model = load(args.model, DTYPES[args.dtype], args.device, args.trust_remote_code)
     print(
         f"{'checkpoint':<{W}}{args.model} (model_type={model.config.model_type!r}, "
-        f"{type(model).__name__}, {str(dtype).removeprefix('torch.')}, {args.device})"
+        f"{type(model).__name__}, {str(model.dtype).removeprefix('torch.')}, {args.device})"
     )
     try:
         family = detect(model, "csp_inductor")
@@ -199,13 +219,17 @@ def run(args) -> int:
     for line in layers:
         print(f"{'':<{W}}{line}")
 
-    inputs, made = prompt(args.model, model, family)
+    inputs, made = prompt(args.model, model, family, args.trust_remote_code)
     ids = inputs["input_ids"]
     is_image = modality(family, ids, inputs.get("mm_token_type_ids"))
     visual = 0 if is_image is None else int(is_image.sum())
     print(f"{'prompt':<{W}}{ids.shape[1]} tokens ({visual} visual), from {made}")
 
-    want = greedy(model, inputs, args.new_tokens, min_new_tokens=args.new_tokens)
+    greedily = dict(min_new_tokens=args.new_tokens, num_beams=1)
+    try:
+        want = greedy(model, inputs, args.new_tokens, **greedily)
+    except Exception as e:
+        raise Unusable(f"the unmodified model failed on the test prompt: {e}") from e
     kept, held = {}, {}
     runs = [("Full()", Full(), False), ("CSP(0.2)", CSP(budget=0.2), False)]
     if args.compile:
@@ -218,7 +242,7 @@ def run(args) -> int:
             print(f"{'refused':<{W}}{e}")
             return REFUSED
         try:
-            got = greedy(model, inputs, args.new_tokens, min_new_tokens=args.new_tokens)
+            got = greedy(model, inputs, args.new_tokens, **greedily)
             held[name] = model.csp_backend.cache.nbytes()
             kept[name] = model.csp_backend.cache.kept_prompt[0]
             per_token = model.csp_backend.cache.kv_bytes_per_token()
@@ -272,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens compared")
     p.add_argument("--compile", action="store_true", help="check the compiled decoder too")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the checkpoint's own modelling code")  # fmt: skip
     args = p.parse_args(argv)
     if args.new_tokens < 1:
         p.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
