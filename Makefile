@@ -26,14 +26,16 @@ LATEST_VENV ?= .venv-latest
 # $(call install,VENV,LOCK,REQUIREMENTS): a new environment with exactly the lock's versions
 # (pip itself included); every package installed is in the lock (tests/test_packaging.py)
 define install
-	python3 -m venv $(1)
+	python3 -m venv --clear $(1)
 	$(1)/bin/python -m pip install -q -c $(2) pip
 	$(1)/bin/python -m pip install -q -c $(2) $(TORCH)
 	$(1)/bin/python -m pip install -q -c $(2) $(3)
 endef
 
 # $(call lock,NAME,REQUIREMENTS[,REMOVE]): resolve in a new environment with the newest releases
-# the ranges admit, and write what was installed to locks/NAME.txt
+# the ranges admit, and write what was installed to locks/NAME.txt. Local version labels are
+# dropped (torch 2.13.0+cpu is written 2.13.0, which pip matches with the CPU build where the
+# index has it); the Python version is written in the header: the pins hold for it.
 define lock
 	rm -rf .venv-lock && python3 -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
@@ -41,8 +43,10 @@ define lock
 	.venv-lock/bin/python -m pip install -q $(2) $(TORCH)
 	.venv-lock/bin/python -m pip check
 	$(if $(3),.venv-lock/bin/python -m pip uninstall -q -y $(3))
-	{ echo "# the $(1) environment, written by make lock: pip install -c locks/$(1).txt ..."; \
-	  .venv-lock/bin/python -m pip freeze --all --exclude-editable; } > locks/$(1).txt
+	{ echo "# the $(1) environment, written by make lock for Python" \
+	    "$$(.venv-lock/bin/python -c 'import sys; print(*sys.version_info[:2], sep=".")')"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | sed -E 's/\+[^+]*$$//'; \
+	} > locks/$(1).txt
 	rm -rf .venv-lock
 endef
 
@@ -89,7 +93,8 @@ test-lmms: $(LMMS_VENV)/.installed
 		tests/test_lmms_eval.py
 
 # upgraded on every run, so a local environment follows upstream as CI's new one does; a short
-# smoke: the layout and packaging, the built-in model, the backend and the model families
+# smoke: the layout and packaging, the built-in model, the backend, the model families and the
+# support check
 test-latest:
 	test -d $(LATEST_VENV) || { python3 -m venv $(LATEST_VENV) && \
 		$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip && \
@@ -97,7 +102,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
 		-e ".[test]" $(TORCH)
 	$(LATEST_VENV)/bin/python -m pytest tests/test_packaging.py tests/test_builtin_model.py \
-		tests/test_backend.py tests/test_families.py
+		tests/test_backend.py tests/test_families.py tests/test_check.py
 
 # refresh the locks: each environment resolved anew from the newest releases its ranges admit
 lock:
