@@ -32,15 +32,22 @@ define install
 	$(1)/bin/python -m pip install -q -c $(2) $(3)
 endef
 
+# $(call newest,VENV,REQUIREMENTS): VENV (made, or upgraded in place) with the newest releases
+# the ranges in pyproject.toml admit beside the torch pin
+define newest
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(TORCH)
+	$(1)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(2) $(TORCH)
+endef
+
 # $(call lock,NAME,REQUIREMENTS[,REMOVE]): resolve in a new environment with the newest releases
 # the ranges admit, and write what was installed to locks/NAME.txt. Local version labels are
 # dropped (torch 2.13.0+cpu is written 2.13.0, which pip matches with the CPU build where the
 # index has it); the Python version is written in the header: the pins hold for it.
 define lock
-	rm -rf .venv-lock && python3 -m venv .venv-lock
-	.venv-lock/bin/python -m pip install -q --upgrade pip
-	.venv-lock/bin/python -m pip install -q $(TORCH)
-	.venv-lock/bin/python -m pip install -q $(2) $(TORCH)
+	rm -rf .venv-lock
+	$(call newest,.venv-lock,$(2))
 	.venv-lock/bin/python -m pip check
 	$(if $(3),.venv-lock/bin/python -m pip uninstall -q -y $(3))
 	{ echo "# the $(1) environment, written by make lock for Python" \
@@ -96,11 +103,7 @@ test-lmms: $(LMMS_VENV)/.installed
 # smoke: the layout and packaging, the built-in model, the backend, the model families and the
 # support check
 test-latest:
-	test -d $(LATEST_VENV) || { python3 -m venv $(LATEST_VENV) && \
-		$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip && \
-		$(LATEST_VENV)/bin/python -m pip install -q $(TORCH); }
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
-		-e ".[test]" $(TORCH)
+	$(call newest,$(LATEST_VENV),-e ".[test]")
 	$(LATEST_VENV)/bin/python -m pytest tests/test_packaging.py tests/test_builtin_model.py \
 		tests/test_backend.py tests/test_families.py tests/test_check.py
 

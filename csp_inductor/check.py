@@ -126,7 +126,7 @@ def describe(family) -> list[str]:
     return lines
 
 
-def test_image():
+def probe_image():
     """A 256x256 RGB image with structure in every channel, the same every run."""
     from PIL import Image
 
@@ -135,7 +135,7 @@ def test_image():
 
 
 def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str]:
-    """``generate`` inputs for one short question (with :func:`test_image` for a model with
+    """``generate`` inputs for one short question (with :func:`probe_image` for a model with
     visual tokens), made by the checkpoint's own processor or tokenizer, and what was made."""
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -171,7 +171,7 @@ def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str
         else:
             text = f"{image_token}\n{QUESTION}" if with_image else PASSAGE
         if with_image:
-            inputs = processor(text=[text], images=[test_image()], return_tensors="pt")
+            inputs = processor(text=[text], images=[probe_image()], return_tensors="pt")
         else:
             inputs = processor(text=[text], return_tensors="pt")
     except Exception as e:

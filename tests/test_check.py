@@ -118,10 +118,10 @@ def test_bad_arguments_name_the_value(capsys):
     assert "--new-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_the_test_image_is_the_same_every_run():
-    from csp_inductor.check import test_image
+def test_the_probe_image_is_the_same_every_run():
+    from csp_inductor.check import probe_image
 
-    first, second = test_image(), test_image()
+    first, second = probe_image(), probe_image()
     assert first.size == (256, 256) and first.mode == "RGB"
     assert first.tobytes() == second.tobytes()
     assert len(set(first.tobytes())) > 200  # structure, not one colour
