@@ -22,6 +22,7 @@ fused QKV projections and multi-head latent attention under TP.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
 import os
@@ -181,12 +182,14 @@ class Ranks:
     def launched(cls) -> Ranks:
         """This process's place in a ``torchrun`` launch (its process group set up: gloo, as
         the evaluation runs on CPU and exchanges small Python objects); ``Ranks()`` outside
-        one."""
+        one. A group set up here is torn down at exit: gloo's threads left to the interpreter's
+        shutdown can abort the process after its work is done."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls()
         if not dist.is_initialized():
             dist.init_process_group("gloo")
+            atexit.register(_leave_process_group)
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
@@ -229,6 +232,11 @@ class Failed:
 
     rank: int
     error: str
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():  # a caller may have torn it down already
+        dist.destroy_process_group()
 
 
 ALONE = Ranks()  # one process: deals it everything, gathers its own
