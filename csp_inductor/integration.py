@@ -23,7 +23,7 @@ except ImportError:  # a torch built without distributed: no DTensor reaches the
 
 from . import compat
 from .attention import decode_attention, prefill_attention
-from .profiling import label
+from .labels import DECODE_ATTENTION, PREFILL_ATTENTION, SCORING, label
 
 # config attributes holding the ids of placeholder tokens that stand for visual (or audio)
 # input: the tokens CSP treats as the image modality
@@ -409,7 +409,7 @@ def csp_attention(
             and not backend.layer_inputs
         )  # fmt: skip
         lse = window_scores = None
-        with label("csp::prefill_attention"):
+        with label(PREFILL_ATTENTION):
             if shared_rows:
                 out, window_scores = torch.ops.csp_inductor.window_prefill(
                     query, key, value, backend.is_image, backend.key_padding,
@@ -440,7 +440,7 @@ def csp_attention(
     if backend.kernel == "flex":  # a turn's mask is the turn's, whatever its length
         step = "turn" if turn else query.shape[2]
         block_mask = backend.block_masks[(step, source if window or chunk else None)]
-    with label("csp::decode_attention"):
+    with label(DECODE_ATTENTION):
         out = decode_attention(
             query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
             scale=scale, sliding_window=window, kernel=backend.kernel,
@@ -493,7 +493,7 @@ def _compact(
     its scores from what the backend collected of them for this forward (eagerly)."""
     backend, score_key, scores = module.csp_backend, None, None
     if backend.layer_inputs:  # (collected by an eager forward's hooks)
-        with label("csp::scoring"):
+        with label(SCORING):
             inputs = backend.layer_inputs.pop(module.layer_idx)
             scores = backend.policy.layer_scores(module, inputs, key, value)
     if layer.spec.latent:

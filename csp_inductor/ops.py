@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .attention import prefill_attention
+from .labels import COMPACTION, REPRUNE, SCORING, SELECTION, WINDOW_ATTENTION, label
 from .policies import Policy
-from .profiling import label
 from .scoring import decomposed_scores_torch, n_softmax_torch, window_attention_torch
 
 
@@ -123,7 +123,7 @@ def window_prefill_op(
         return out, key.new_zeros((b, hkv, 2, seq), dtype=torch.float32)
     width = window.mask.shape[1]
     head = seq - width
-    with label("csp::window_attention"):
+    with label(WINDOW_ATTENTION):
         rows, scores = window_attention_torch(
             query[:, :, head:], key, value, is_image, chosen.window_n, scale, key_padding,
             window.mask.to(query.device),
@@ -190,7 +190,7 @@ def compact_op(
     """
     chosen = _POLICIES[int(policy)]
     scored = key if score_key is None else score_key
-    with label("csp::selection"):  # scoring included
+    with label(SELECTION):  # scoring included
         if window_scores is not None and chosen.scoring_window(key.shape[2], key_padding) is None:
             window_scores = None  # zeros: the policy scores no window here
         if lse is not None:
@@ -208,7 +208,7 @@ def compact_op(
             f"the policy kept {counts[:, 0].tolist()} tokens per row but the cache was allocated "
             f"for {lengths.tolist()}: Policy.budget_for disagrees with Policy.select"
         )
-    with label("csp::compaction"):
+    with label(COMPACTION):
         valid = idx >= 0
         safe = idx.clamp_min(0)[..., None]
         kept_keys = key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])) * valid[..., None]
@@ -257,7 +257,7 @@ def _scores_from_lse(
         query[:, :, seq - width :], key, is_image, policy.window_n, scale, key_padding,
         window.mask.to(query.device), lse[:, :, seq - width :], window.columns,
     )  # fmt: skip
-    with label("csp::scoring"):
+    with label(SCORING):
         if query.is_cuda:
             from .kernels.decomposed_scores import decomposed_scores_triton
 
@@ -393,7 +393,7 @@ def reprune_op(
     frame_images = images.gather(2, order[:, None, :].expand_as(images)).any(dim=1)
     q_heads = heads if queries is None else queries.shape[1]
     unused = keys.new_zeros(()).expand(b, q_heads, capacity, keys.shape[3])  # no scorer reads it
-    with label("csp::reprune"):
+    with label(REPRUNE):
         idx = chosen.select(
             unused, frame_keys, frame_images, padding, scale=scale, window_scores=scores
         )

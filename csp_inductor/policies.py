@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import selection
 from .budget import Budget, split_budget
-from .profiling import label
+from .labels import SCORING, label
 from .scoring import decomposed_scores
 
 SCORINGS = ("window", "reconstruct")
@@ -462,7 +462,7 @@ def _window_scores(prompt: Prompt, n: float) -> Tensor:
     if prompt.window_scores is not None:
         return prompt.window_scores
     q_window, window_mask = prompt.window()
-    with label("csp::scoring"):
+    with label(SCORING):
         return decomposed_scores(
             q_window, prompt.k, prompt.is_image, n=n, scale=prompt.scale,
             key_padding=prompt.key_padding, window_mask=window_mask,

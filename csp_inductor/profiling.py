@@ -1,20 +1,5 @@
-"""Profiling: ``torch.profiler`` around a run, with our phases labelled.
-
-The library marks its phases with :func:`label` (``torch.profiler.record_function``):
-
-- ``csp::scoring``     CSP's decomposed window scores (inside the prefill compaction op);
-- ``csp::window_attention`` the CPU prefill's window rows: their attention and their scores
-  from the same logits (``csp_inductor::window_prefill``; the scoring is then not labelled
-  ``csp::scoring``);
-- ``csp::selection``   a policy's ``select`` (scores -> kept indices, scoring included);
-- ``csp::compaction``  the gather of the kept K/V into the cache buffers;
-- ``csp::prefill_attention`` / ``csp::decode_attention``: the attention kernels.
-
-Scoring, selection and compaction run inside the ``csp_inductor::compact_`` custom op, which
-executes eagerly even in a compiled graph, so their labels show up in compiled runs too. The
-attention labels are visible with ``compile=False`` only: Dynamo drops ``record_function`` in
-a traced region (no graph break), so :func:`label` is a no-op while compiling, and a compiled
-decoder shows up as ``Torch-Compiled Region`` and its Inductor graph calls instead.
+"""Profiling: ``torch.profiler`` around a run, with the library's phases labelled
+(:mod:`csp_inductor.labels` names them).
 
 ``python -m csp_inductor profile [options]`` profiles ``generate`` on a random-weight
 long-context LLaVA (:func:`long_context_llava`, :func:`image_heavy_prompt`) and writes a Chrome
@@ -33,14 +18,7 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("csp::scoring", "csp::selection", "csp::compaction")
-
-
-def label(name: str):
-    """``record_function(name)`` in eager code, a no-op context while Dynamo traces."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch.profiler.record_function(name)
+from .labels import PREFIX
 
 
 @dataclass
@@ -58,7 +36,7 @@ def phase_times(profiler: torch.profiler.profile) -> dict[str, float]:
     """Total CPU milliseconds of every ``csp::`` label (all calls, all layers)."""
     out: dict[str, float] = {}
     for event in profiler.key_averages():
-        if event.key.startswith("csp::"):
+        if event.key.startswith(PREFIX):
             out[event.key] = event.cpu_time_total / 1e3
     return out
 
