@@ -4,8 +4,9 @@ A (vocab, hidden) weight times a few rows of hidden states, as a decode step of 
 sequences runs it. Providers, alternated round by round in one process:
 
 - ``linear``: ``F.linear``, what the model's own head runs (MKL's GEMV / GEMM on CPU);
-- ``reduction``: the backend's compiled head (:class:`csp_inductor.compile.CompiledHead`), one
-  fused multiply-and-sum over the weight.
+- ``reduction``: the backend's compiled head
+  (:class:`csp_inductor.backend.lm_head.CompiledHead`), one fused multiply-and-sum over the
+  weight.
 
 Each row records ``speedup`` (the median per-round ratio of ``linear`` to ``reduction``) and
 the weight's read rate for both. These measurements set ``HEAD_REDUCTION_ROWS``: the rows up to
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from conftest import env_int, env_ints, interleaved, record
 
-from csp_inductor.compile import CompiledHead
+from csp_inductor.backend.lm_head import CompiledHead
 
 VOCAB, HIDDEN = env_ints("CSP_BENCH_HEAD_SHAPE", "32000,1024")
 ROWS = env_ints("CSP_BENCH_HEAD_ROWS", "1,2,4,8")

@@ -24,8 +24,8 @@ SETUP = """
 import torch
 from transformers import AttentionInterface, Gemma3TextConfig
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask
-from csp_inductor.compile import ATTN_NAME
-from csp_inductor.integration import csp_attention, model_mask
+from csp_inductor.backend.install import ATTN_NAME
+from csp_inductor.transformers_attention import csp_attention, model_mask
 AttentionInterface.register(ATTN_NAME, csp_attention)
 AttentionMaskInterface.register(ATTN_NAME, model_mask)
 config = Gemma3TextConfig(num_hidden_layers=1)

@@ -131,7 +131,7 @@ class PrunedLayer(CacheLayerMixin):
     def get_mask_sizes(self, queries) -> tuple[int, int]:
         # A prompt attends to itself (not to the buffers, which it fills). After it, the size
         # is the buffers' and the offset the tokens seen: a model's mask function then reads
-        # the new tokens at their absolute positions (see integration._check_causal_turn).
+        # the new tokens at their absolute positions (transformers_attention._check_causal_turn).
         if self.cache.phase in ("empty", "prefill"):
             return query_length(queries), 0
         return self.keys.shape[2], self.cache.seen

@@ -200,7 +200,7 @@ def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str
 
 def run(args) -> int:
     from . import CSP, Full, compile, restore
-    from .integration import detect, modality
+    from .model_layout import detect, modality
     from .testing import greedy
 
     started = time.perf_counter()

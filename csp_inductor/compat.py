@@ -130,3 +130,21 @@ def mask_call(kwargs: dict, q_length, q_offset, device, allow_is_causal_skip: bo
         return q_length, q_offset, device, allow_is_causal_skip
     plain = not kwargs.get("use_vmap", False) and "allow_is_bidirectional_skip" not in kwargs
     return position.shape[0], position[0], position.device, plain
+
+
+# transformers 5.24 renamed the forward's cache argument (the old name still works, deprecated)
+LEGACY_CACHE_ARG = "past_key_values"
+
+
+def forward_cache_arg(forward) -> str:
+    """The name ``forward`` takes the cache by (transformers 5.24 renamed it; the old name
+    still works, deprecated)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else LEGACY_CACHE_ARG
+
+
+def rename_legacy_cache_arg(kwargs: dict, cache_arg: str) -> None:
+    """Move a cache passed as ``past_key_values`` to ``cache_arg`` (in place)."""
+    if cache_arg != LEGACY_CACHE_ARG and LEGACY_CACHE_ARG in kwargs:
+        if kwargs.get(cache_arg) is not None:
+            raise TypeError(f"got both {cache_arg!r} and {LEGACY_CACHE_ARG!r}; pass {cache_arg!r}")
+        kwargs[cache_arg] = kwargs.pop(LEGACY_CACHE_ARG)

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import reference
 from .budget import Budget
 from .compat import BEFORE_5_3
-from .integration import PLACEHOLDER_ATTRS
+from .model_layout import PLACEHOLDER_ATTRS
 from .policies import CSP, H2O, KNorm, LookM, Policy, RandomKeep, SnapKV, StreamingLLM
 
 

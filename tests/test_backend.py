@@ -74,7 +74,7 @@ def test_one_graph_no_recompiles_across_steps_and_prompt_lengths(compiled_csp):
     assert dict(counters["graph_break"]) == {}
     # exactly three graphs for all of it: the decoder's prefill and decode step, the LM head
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
-    assert compiled_csp.csp_backend.graphs == 2 and compiled_csp.csp_backend.head.graphs == 1
+    assert compiled_csp.csp_backend.graphs == 2 and compiled_csp.csp_backend.lm_head.graphs == 1
 
 
 def test_compiled_equals_eager_backend(compiled_csp):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import csp_inductor.integration
+import csp_inductor.transformers_attention
 from csp_inductor.check import REFUSED, SERVED, UNUSABLE, main
 from csp_inductor.evaluation.haystack import BUILTIN_MODEL_PATH, build_tokenizer
 from csp_inductor.testing import tiny_family_model
@@ -99,12 +99,12 @@ def test_a_folder_without_a_config_is_unusable(tmp_path, capsys):
 
 
 def test_a_backend_that_is_not_exact_exits_1(monkeypatch, capsys):
-    decode = csp_inductor.integration.decode_attention
+    decode = csp_inductor.transformers_attention.decode_attention
 
     def broken(q, keys, values, **options):  # decode steps read negated values
         return decode(q, keys, -values, **options)
 
-    monkeypatch.setattr(csp_inductor.integration, "decode_attention", broken)
+    monkeypatch.setattr(csp_inductor.transformers_attention, "decode_attention", broken)
     assert main(["--model", str(BUILTIN_MODEL_PATH)]) == REFUSED
     report = capsys.readouterr().out
     assert re.search(r"Full\(\) +NOT EXACT: \d of 8 greedy tokens", report)

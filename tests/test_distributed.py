@@ -16,8 +16,8 @@ from csp_inductor.cache import LayerSpec
 from csp_inductor.distributed import ALONE, Ranks, check_layout
 from csp_inductor.evaluation import haystack as hs
 from csp_inductor.evaluation.eval import PolicySpec, evaluate_haystack
-from csp_inductor.integration import _check_heads
 from csp_inductor.testing import tiny_model
+from csp_inductor.transformers_attention import _check_heads
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 ROOT = Path(__file__).parents[1]

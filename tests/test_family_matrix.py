@@ -104,7 +104,7 @@ def test_keep_all_is_exact(family):
         full_bytes = model.csp_backend.cache.nbytes()
         policy = model.csp_backend.policy = csp_inductor.CSP(budget=0.2)
         tokens, logits = generate(model, inputs["b2"])
-        cache, family = model.csp_backend.cache, model.csp_backend.family
+        cache, family = model.csp_backend.cache, model.csp_backend.layout
     finally:
         csp_inductor.restore(model)
     assert tokens.shape == (2, NEW_TOKENS) and torch.isfinite(logits).all()

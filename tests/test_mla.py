@@ -17,13 +17,14 @@ from transformers import DynamicCache
 
 import csp_inductor
 from csp_inductor import compat, decomposed_scores
-from csp_inductor.integration import absorb, self_attention
+from csp_inductor.model_layout import self_attention
 from csp_inductor.testing import (
     assert_same_generation,
     greedy,
     placeholder_inputs,
     tiny_family_model,
 )
+from csp_inductor.transformers_attention import absorb
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

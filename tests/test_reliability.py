@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import csp_inductor
 from csp_inductor import CSP, Full, SnapKV
-from csp_inductor.compile import CompiledForward
+from csp_inductor.backend.compiled_forward import CompiledForward
 from csp_inductor.evaluation import haystack as hs
 from csp_inductor.testing import (
     TEXT_IDS,
@@ -114,7 +114,7 @@ def test_the_lm_head_of_a_decode_step_is_one_compiled_reduction():
     own forward back."""
     model = csp_inductor.compile(tiny_model("llava"), CSP())
     eager = csp_inductor.compile(tiny_model("llava"), CSP(), compile=False)
-    head = model.csp_backend.head
+    head = model.csp_backend.lm_head
     rows = []
     compiled = head.compiled
 

@@ -105,7 +105,7 @@ def refusals(out: str) -> dict:
     from torch.distributed.tensor import DTensor, Replicate
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from csp_inductor.integration import _check_heads
+    from csp_inductor.transformers_attention import _check_heads
 
     got = {}
     torch.manual_seed(0)

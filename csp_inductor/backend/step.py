@@ -1,0 +1,81 @@
+"""One forward of the model, as the attention function sees it.
+
+The backend's pre-hook (:mod:`.dispatch`) decides what the forward is and makes its
+:class:`Step`; the attention function of every pruned layer reads the step and its cache and
+nothing else; the post-hook ends it. A step lives for one forward: nothing in it needs clearing
+when a forward raises, the next forward makes a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..cache import PrunedCache
+    from ..model_layout import ModelLayout
+    from ..policies import Policy, Reconstruction
+
+# What a forward is, decided once per forward by the dispatch:
+PREFILL = "prefill"  # a prompt (into an empty cache), or tokens without a cache
+TURN = "turn"  # a later turn of a conversation: attends to the kept prefix, then is pruned
+DECODE = "decode"  # new tokens appended to the cache (generated ones)
+REREAD = "reread"  # a chunk of the prompt re-read to score it, never kept
+PHASES = (PREFILL, TURN, DECODE, REREAD)
+
+
+class Reread(NamedTuple):
+    """A running re-read (:mod:`.reread`): each layer's scores (b, hkv, 2, capacity) by layer
+    index, the chunk's scored queries and their modality (b, width), and the policy and its
+    reconstruction."""
+
+    scores: dict[int, Tensor]
+    scored: Tensor
+    is_image: Tensor
+    policy: Policy
+    how: Reconstruction
+
+
+@dataclass
+class Step:
+    """What one forward needs. ``cache`` is None for a forward without a cache (a prefill that
+    stores nothing). Per-token fields cover the forward's own tokens (b, t)."""
+
+    phase: str
+    cache: PrunedCache | None
+    layout: ModelLayout
+    kernel: str  # the attention kernel ("sdpa" or "flex")
+    null_logit: float | None = None  # decode-time n-softmax: the null slot's logit (None: off)
+    is_image: Tensor | None = None  # (b, t) the visual tokens (prefill, turn)
+    padding: Tensor | None = None  # (b, t) the padding tokens (None: none)
+    starts: Tensor | None = None  # (b,) each row's left padding (a prefill)
+    # (b, capacity) the padding tokens' slots in the buffers (a turn or a re-read chunk)
+    padding_slots: Tensor | None = None
+    # flex block masks by layer (None: the global layers' shared one), decode, turn, re-read
+    block_masks: dict[int | None, object] = field(default_factory=dict)
+    keep: Tensor | None = None  # () the policy index a prompt's or turn's compaction keeps by
+    # a policy that scores from the layers' own inputs: those inputs, collected by hooks
+    # during this (eager) forward, by layer, and the policy
+    layer_inputs: dict[int, dict] = field(default_factory=dict)
+    scorer: Policy | None = None
+    reread: Reread | None = None  # a re-read chunk's scoring
+    # a prompt to re-read once its forward is done, and its embeddings, modality, padding and
+    # next position, captured at the decoder's input (:mod:`.reread`)
+    rereads: bool = False
+    prompt: tuple | None = None
+    # what the step set up outside itself (hooks, flags), undone when it ends
+    undo: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the attention reads the cache (a turn, a decode step, a re-read chunk)."""
+        return self.phase != PREFILL
+
+    @property
+    def as_turn(self) -> bool:
+        """Whether the tokens attend as a turn: to the kept prefix and causally to themselves,
+        their padding hidden (a turn, and a re-read chunk)."""
+        return self.phase in (TURN, REREAD)
