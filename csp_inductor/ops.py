@@ -28,6 +28,7 @@ from torch import Tensor
 from .attention import prefill_attention
 from .labels import COMPACTION, REPRUNE, SCORING, SELECTION, WINDOW_ATTENTION, label
 from .policies import Policy
+from .policy_table import policy_at, register_policy  # noqa: F401  (compile.py imports it here)
 from .scoring import decomposed_scores_torch, n_softmax_torch, window_attention_torch
 
 
@@ -75,20 +76,6 @@ def _(x, n, dim):
 
 
 # --- prefill compaction ----------------------------------------------------------------------
-# Policies are Python objects; the op refers to them by their index in a registry, passed as a
-# 0-d tensor: a graph input, so switching policies does not recompile.
-_POLICY_IDS: dict[Policy, int] = {}
-_POLICIES: list[Policy] = []
-
-
-def register_policy(policy: Policy) -> int:
-    """A stable small int naming ``policy`` inside compiled graphs."""
-    if policy not in _POLICY_IDS:
-        _POLICY_IDS[policy] = len(_POLICIES)
-        _POLICIES.append(policy)
-    return _POLICY_IDS[policy]
-
-
 @torch.library.custom_op("csp_inductor::window_prefill", mutates_args=())
 def window_prefill_op(
     query: Tensor,
@@ -113,7 +100,7 @@ def window_prefill_op(
             f"window_prefill needs a query for every key, got {query.shape[2]} queries for "
             f"{seq} keys"
         )
-    chosen = _POLICIES[int(policy)]
+    chosen = policy_at(policy)
     window = chosen.scoring_window(seq, key_padding)
     if window is None:
         out = prefill_attention(
@@ -188,7 +175,7 @@ def compact_op(
     (b, hkv, 2, L) fp32: what :func:`window_prefill_op` computed for the same policy, read when
     the policy scores this prompt's window.
     """
-    chosen = _POLICIES[int(policy)]
+    chosen = policy_at(policy)
     scored = key if score_key is None else score_key
     with label(SELECTION):  # scoring included
         if window_scores is not None and chosen.scoring_window(key.shape[2], key_padding) is None:
@@ -370,7 +357,7 @@ def reprune_op(
     stored token's modality, as CSP splits window scores) and handed to the policy in a frame
     where each row's tokens end the sequence (left padding). The policy's own ``is_image``
     (CSP reads it only to tell whether a row holds images) is a slot's modality in any head."""
-    chosen = _POLICIES[int(policy)]
+    chosen = policy_at(policy)
     b, heads, capacity, _ = keys.shape
     slots = torch.arange(capacity, device=keys.device)
     shift = capacity - lengths  # frame position j holds slot j - shift[b]
