@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import ops  # registers csp_inductor::write_decode_
 from .attention import NULL_POSITION
+from .compaction import clear_images_from
 from .compat import DummyLayer, LinearAttentionLayer, query_length
 
 
@@ -282,7 +283,7 @@ class PrunedCache(Cache):
             self.ring_positions.masked_fill_(self.ring_positions >= self.seen, -1)
         for layer in self.pruned:
             if layer.images is not None:
-                ops.clear_images_from(layer.images, self.lengths)
+                clear_images_from(layer.images, self.lengths)
 
     @property
     def kept_prompt(self) -> list[int]:
