@@ -40,10 +40,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops  # registers csp_inductor::write_decode_
 from .attention import NULL_POSITION
 from .compaction import clear_images_from
 from .compat import DummyLayer, LinearAttentionLayer, query_length
+from .ops import write_decode_op
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ class PrunedCache(Cache):
     # --- inside the compiled graph -----------------------------------------------------------
     def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):
         """Write ``t`` new tokens at slots ``lengths[b] + [0, t)``; return the whole buffers."""
-        torch.ops.csp_inductor.write_decode_(
+        write_decode_op(
             layer.keys, layer.values, layer.positions, key_states, value_states, self.lengths,
             self.seen,
         )  # fmt: skip
