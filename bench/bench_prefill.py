@@ -26,7 +26,8 @@ import torch
 from conftest import env_int, env_ints, interleaved, record
 
 from csp_inductor import CSP
-from csp_inductor.ops import _scores_from_lse, register_policy
+from csp_inductor.compaction import _scores_from_lse
+from csp_inductor.policy_table import register_policy
 from csp_inductor.scoring import decomposed_scores
 from csp_inductor.testing import random_prompt
 

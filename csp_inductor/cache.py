@@ -40,9 +40,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops  # registers csp_inductor::write_decode_
 from .attention import NULL_POSITION
+from .compaction import clear_images_from
 from .compat import DummyLayer, LinearAttentionLayer, query_length
+from .ops import write_decode_op
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ class PrunedCache(Cache):
             self.ring_positions.masked_fill_(self.ring_positions >= self.seen, -1)
         for layer in self.pruned:
             if layer.images is not None:
-                ops.clear_images_from(layer.images, self.lengths)
+                clear_images_from(layer.images, self.lengths)
 
     @property
     def kept_prompt(self) -> list[int]:
@@ -340,7 +341,7 @@ class PrunedCache(Cache):
     # --- inside the compiled graph -----------------------------------------------------------
     def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):
         """Write ``t`` new tokens at slots ``lengths[b] + [0, t)``; return the whole buffers."""
-        torch.ops.csp_inductor.write_decode_(
+        write_decode_op(
             layer.keys, layer.values, layer.positions, key_states, value_states, self.lengths,
             self.seen,
         )  # fmt: skip

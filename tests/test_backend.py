@@ -17,7 +17,7 @@ from transformers import (
 )
 
 import csp_inductor
-from csp_inductor import CSP, H2O, Full, SnapKV
+from csp_inductor import CSP, H2O, Full, SnapKV, compaction
 
 IMAGE = 100
 PATCHES = 16  # (32 / 8) ** 2 image tokens per image
@@ -181,7 +181,7 @@ def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
     """The model keeps the same tokens and gives the same logits whether its scorer reuses
     FlexAttention's log-sum-exp (the default in plain causal layers) or computes its own."""
     model = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
-    given = csp_inductor.ops._scores_from_lse
+    given = compaction._scores_from_lse
     used = []
 
     def spy(*args):
@@ -191,7 +191,7 @@ def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
 
     runs = []
     for reuse in (True, False):
-        monkeypatch.setattr(csp_inductor.ops, "_scores_from_lse", spy if reuse else lambda *a: None)
+        monkeypatch.setattr(compaction, "_scores_from_lse", spy if reuse else lambda *a: None)
         cache = model.csp_backend.new_cache(decode_capacity=1)
         with torch.no_grad():
             logits = model(**inputs, past_key_values=cache).logits
@@ -215,7 +215,7 @@ def test_cpu_prefill_computes_the_window_rows_once(inputs, monkeypatch):
         calls.append(args[0].shape[2])
         return given(*args, **kwargs)
 
-    monkeypatch.setattr(csp_inductor.ops, "window_attention_torch", spy)
+    monkeypatch.setattr(compaction, "window_attention_torch", spy)
     shared = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
     flex = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
     runs = []

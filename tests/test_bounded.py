@@ -7,7 +7,7 @@ from transformers import LogitsProcessorList
 
 import csp_inductor
 from csp_inductor import CSP, H2O, Full, SnapKV, StreamingLLM
-from csp_inductor.ops import register_policy
+from csp_inductor.policy_table import register_policy
 from csp_inductor.testing import IMAGE_ID, random_prompt, tiny_inputs, tiny_model
 
 

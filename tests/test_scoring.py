@@ -134,7 +134,7 @@ def test_window_prefill_op_is_the_prefill_attention_and_the_policy_scores():
     """One prompt attention for every row, and the window scorer's scores, from the op the
     CPU prefill calls; a policy that scores no window gets the plain attention."""
     from csp_inductor.attention import prefill_attention
-    from csp_inductor.ops import register_policy
+    from csp_inductor.policy_table import register_policy
 
     p = random_prompt(2, 4, 2, 80, 16, pads=[0, 9], layout="blocks", seed=3)
     v = torch.randn_like(p.k)
