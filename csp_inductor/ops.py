@@ -32,7 +32,6 @@ from torch import Tensor
 
 from .compaction import compact, window_prefill
 from .decode_write import write_decode
-from .policy_table import register_policy  # noqa: F401  (compile.py imports it from here)
 from .reconstruction import reconstruct_scores
 from .reprune import remember, reprune
 from .scoring import decomposed_scores_torch, n_softmax_torch

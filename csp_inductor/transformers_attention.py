@@ -22,6 +22,7 @@ except ImportError:  # a torch built without distributed: no DTensor reaches the
 from . import compat
 from .attention import decode_attention, prefill_attention
 from .labels import DECODE_ATTENTION, PREFILL_ATTENTION, SCORING, label
+from .ops import compact_op, reconstruct_scores_op, remember_op, window_prefill_op
 
 
 def model_mask(
@@ -152,7 +153,7 @@ def _prefill_attention(step, module, query, key, value, attention_mask, scale) -
     lse = window_scores = None
     with label(PREFILL_ATTENTION):
         if shared_rows:
-            out, window_scores = torch.ops.csp_inductor.window_prefill(
+            out, window_scores = window_prefill_op(
                 query, key, value, step.is_image, step.padding, step.keep, scale
             )
         else:
@@ -196,10 +197,10 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
         )  # fmt: skip
     if step.reread is not None:
         reread = step.reread
-        torch.ops.csp_inductor.reconstruct_scores_(
+        reconstruct_scores_op(
             reread.scores[index], query, key, layer.images, cache.lengths, step.padding_slots,
             reread.scored, reread.is_image, reread.policy.window_n, scale,
-            reread.how.reduce == "max",
+            reread.reconstruction.reduce == "max",
         )  # fmt: skip
         return out
     if index in layout.kv_source:
@@ -216,7 +217,7 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
 def _remember(cache, layer, query: Tensor, padding: Tensor | None, is_image: Tensor | None):
     """A bounded cache keeps the queries of the last tokens, to re-prune with."""
     if layer.queries is not None:
-        torch.ops.csp_inductor.remember_(
+        remember_op(
             layer.queries, cache.ring_positions, cache.ring_images, query, cache.seen, padding,
             is_image,
         )  # fmt: skip
@@ -256,7 +257,7 @@ def _compact(
     if layer.spec.latent:
         query, score_key = absorb(module, query, key, value)
     start, offset = (cache.lengths, cache.seen) if turn else (None, None)
-    torch.ops.csp_inductor.compact_(
+    compact_op(
         query, key, value, step.is_image, step.padding, layer.keys, layer.values,
         layer.positions, kept, step.keep, scale, score_key, lse, start, offset,
         layer.images, scores, window_scores,

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..ops import reprune_op
+
 if TYPE_CHECKING:
     from ..cache import PrunedCache
     from .core import Backend
@@ -36,7 +38,7 @@ def reprune_layers(buffers, ring_positions, ring_images, lengths, kept, policy, 
     queries or nothing)."""
     for layer, scale in zip(buffers, scales, strict=True):
         keys, values, positions, images, *queries = layer
-        torch.ops.csp_inductor.reprune_(
+        reprune_op(
             keys, values, positions, images, queries[0] if queries else None, ring_positions,
             ring_images, lengths, kept, policy, scale,
         )  # fmt: skip

@@ -15,8 +15,8 @@ from ..cache import LayerSpec, PrunedCache
 from ..compiled import Compiled
 from ..distributed import check_layout
 from ..model_layout import detect, self_attention
-from ..ops import register_policy
 from ..policies import Full, Policy
+from ..policy_table import PolicySlot, register_policy
 from . import bound, install
 from .compiled_forward import CompiledForward
 from .lm_head import CompiledHead
@@ -44,7 +44,8 @@ class Backend:
         self.head_shards = check_layout(model, self.attention_modules("attention", "shared"))
         # the policy indices the compiled graph reads: the policy's (assignable) and keeping
         # everything (a prompt before its re-read, a turn of a policy scoring prompts only)
-        self.policy_index = torch.zeros((), dtype=torch.long)
+        self.policy_slot = PolicySlot(self)
+        self.policy_index = self.policy_slot.index
         self.full_index = torch.tensor(register_policy(Full()))
         self.policy = policy
         self.kernel = choose_kernel(options.kernel, next(self.decoder.parameters()).device)
@@ -81,7 +82,7 @@ class Backend:
         why = why_unsupported(policy, model_name, self.layout, self.layer_specs(), limit)
         if why is not None:
             raise ValueError(why)
-        self.policy_index.fill_(register_policy(policy))
+        self.policy_slot.set(policy)
         self._policy = policy
 
     @property

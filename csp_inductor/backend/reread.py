@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ..ops import reprune_op
 from ..policies import Reconstruction
 from . import room
 from .step import REREAD, Reread, Step
@@ -59,9 +60,9 @@ def reread(backend: Backend, prompt_step: Step) -> None:
             f"{type(backend.model).__name__}, which {policy!r} re-reads"
         )
     embeds, is_image, padding, after = prompt_step.prompt
-    how = policy.reconstruction
+    reconstruction = policy.reconstruction
     batch, length, _ = embeds.shape
-    real = list(cache.rows)
+    held = list(cache.rows)  # each row's prompt, whole
     sep = _separator(backend).to(embeds.dtype)
     everything = torch.arange(length, device=embeds.device)
     tokens = [everything] * batch if padding is None else [everything[~row] for row in padding]
@@ -71,14 +72,14 @@ def reread(backend: Backend, prompt_step: Step) -> None:
         )
         for layer in cache.pruned
     }
-    for lo in range(0, max(real), how.chunk):
-        chunk = _chunk(embeds, is_image, tokens, lo, how, sep)
-        scoring = Reread(scores, chunk.scored, chunk.is_image, policy, how)
+    for lo in range(0, max(held), reconstruction.chunk):
+        chunk = _chunk(embeds, is_image, tokens, lo, reconstruction, sep)
+        scoring = Reread(scores, chunk.scored, chunk.is_image, policy, reconstruction)
         _forward_chunk(backend, cache, chunk, after, scoring)
-    kept = [policy.budget_for(n).kept for n in real]
+    kept = [policy.budget_for(n).kept for n in held]
     target = torch.tensor(kept, dtype=torch.long, device=cache.lengths.device)
     for layer, scale in zip(cache.pruned, backend.scales, strict=True):
-        torch.ops.csp_inductor.reprune_(
+        reprune_op(
             layer.keys, layer.values, layer.positions, layer.images, None, None, None,
             cache.lengths, target, backend.policy_index, scale, scores[layer.index],
         )  # fmt: skip
@@ -92,12 +93,12 @@ class Chunk(NamedTuple):
     is_image: torch.Tensor  # (b, width) bool
 
 
-def _chunk(embeds, is_image, tokens: list, lo: int, how: Reconstruction, sep) -> Chunk:
+def _chunk(embeds, is_image, tokens: list, lo: int, reconstruction: Reconstruction, sep) -> Chunk:
     """Row ``b``'s real prompt tokens ``tokens[b][lo : lo + chunk]`` (positions in the
     prompt) after the separator, left-padded to the batch's widest (a row with none left is
     all padding)."""
     batch, _, hidden = embeds.shape
-    take = [max(0, min(how.chunk, len(row) - lo)) for row in tokens]
+    take = [max(0, min(reconstruction.chunk, len(row) - lo)) for row in tokens]
     width = sep.shape[1] + max(take)
     device = embeds.device
     out = embeds.new_zeros(batch, width, hidden)
@@ -113,7 +114,7 @@ def _chunk(embeds, is_image, tokens: list, lo: int, how: Reconstruction, sep) ->
         padding[row, width - count - sep.shape[1] :] = False
         images[row, width - count :] = is_image[row, picked]
         scored[row, width - count :] = True
-    if how.queries == "text":
+    if reconstruction.queries == "text":
         scored &= ~images
     return Chunk(out, padding, scored, images)
 

@@ -36,7 +36,7 @@ class Reread(NamedTuple):
     scored: Tensor
     is_image: Tensor
     policy: Policy
-    how: Reconstruction
+    reconstruction: Reconstruction
 
 
 @dataclass
