@@ -56,6 +56,7 @@ from tqdm import tqdm
 from transformers.models.llama.modeling_llama import rotate_half
 
 from csp_inductor.evaluation import haystack as hs
+from csp_inductor.evaluation.boards import _MASKS
 
 DEFAULT_WORK_DIR = Path("/tmp/csp_inductor_tiny_llava")
 
@@ -137,7 +138,7 @@ QUESTION_LAYER = 1  # ... and, at every "?", the question's last QUESTION_SPAN t
 QUESTION_SPAN = 7
 RETRIEVAL_LAYER = 2  # one head of this layer is taught to attend from "?" to the needle
 RETRIEVED_LAYER = RETRIEVAL_LAYER + 1  # its output predicts the contents of the needle cell
-_SHAPE_MASKS = torch.stack([torch.from_numpy(hs._MASKS[s]) for s in hs.SHAPES])
+_SHAPE_MASKS = torch.stack([torch.from_numpy(_MASKS[s]) for s in hs.SHAPES])
 _COLOUR_RGB = torch.tensor(list(hs.COLOURS.values()))
 _FRAME_RGB = torch.tensor(hs.FRAME_LEVELS)
 
