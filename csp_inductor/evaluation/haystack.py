@@ -86,6 +86,7 @@ from csp_inductor.evaluation.builtin_model import (
     build_tokenizer,
     load_builtin_model,
 )
+from csp_inductor.evaluation.tasks import Question, plan_questions, random_board
 
 __all__ = [
     "BOS_TOKEN_ID",
@@ -183,96 +184,8 @@ class Sample:
         return self.input_ids == IMAGE_TOKEN_ID
 
 
-def _random_board(rng: np.random.Generator, fill: float) -> Board:
-    colours, shapes = list(COLOURS), list(SHAPES)
-    return [
-        (colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))])
-        if rng.random() < fill
-        else None
-        for _ in range(TOKENS_PER_IMAGE)
-    ]
-
-
-def _random_object(rng: np.random.Generator) -> tuple[str, str]:
-    return list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
-
-
-def _other_object(rng: np.random.Generator, avoid: Sequence[Cell]) -> tuple[str, str]:
-    while True:
-        obj = _random_object(rng)
-        if obj not in avoid:
-            return obj
-
-
 def _encode(words: Sequence[str]) -> list[int]:
     return [TOKEN_TO_ID[w] for w in words]
-
-
-# (question words, answer words, [(image index, cell index)] or [fact index])
-_Question = tuple[list[str], list[str], list[tuple[int, int]], list[int]]
-
-
-def _plan_questions(
-    task: str,
-    rng: np.random.Generator,
-    names: list[str],
-    boards: list[Board],
-    keys: list[str],
-    values: list[str],
-    num_questions: int,
-) -> list[_Question]:
-    """Edit ``boards`` in place so each question has exactly one answer; return the questions."""
-    num_images = len(boards)
-    questions: list[_Question] = []
-    if task == "image_needle":
-        objects: list[tuple[str, str]] = []
-        while len(objects) < min(num_questions, len(COLOURS) * len(SHAPES)):
-            obj = _random_object(rng)
-            if obj not in objects:
-                objects.append(obj)
-        for b in boards:
-            for i, cell in enumerate(b):
-                if cell in objects:
-                    b[i] = _other_object(rng, objects)
-        spots = rng.permutation(num_images * TOKENS_PER_IMAGE)[: len(objects)]
-        for obj, spot in zip(objects, spots.tolist(), strict=True):
-            k, c = divmod(spot, TOKENS_PER_IMAGE)
-            boards[k][c] = obj
-            question = ["which", "image", "has", "a", *obj, "?"]
-            questions.append((question, names[k].split(), [(k, c)], []))
-    elif task == "text_needle":
-        # a passkey: the one fact whose value is a digit (the others hold colour words)
-        f = int(rng.integers(len(keys)))
-        values[f] = VALUES[rng.integers(len(VALUES))]
-        questions.append((["what", "is", keys[f], "?"], [values[f]], [], [f]))
-    elif task == "cross_modal":
-        for k in rng.permutation(num_images)[:num_questions].tolist():
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            b = boards[k]
-            for i, cell in enumerate(b):
-                if cell is not None and cell[1] == shape:
-                    b[i] = None
-            c = int(rng.integers(TOKENS_PER_IMAGE))
-            colour = list(COLOURS)[rng.integers(len(COLOURS))]
-            b[c] = (colour, shape)
-            question = ["what", "colour", "is", "the", shape, "in", *names[k].split(), "?"]
-            questions.append((question, [colour], [(k, c)], []))
-    else:  # comparison: disjoint adjacent pairs (k-1, k), the second a one-cell edit
-        seconds = [k for k in rng.permutation(num_images).tolist() if k >= 1]
-        used: set[int] = set()
-        for k in seconds:
-            if len(questions) == num_questions:
-                break
-            if k in used or k - 1 in used:
-                continue
-            used.update((k - 1, k))
-            c = int(rng.integers(TOKENS_PER_IMAGE))
-            boards[k] = list(boards[k - 1])
-            boards[k][c] = _other_object(rng, [boards[k - 1][c]])
-            question = ["what", "changed", "from", *names[k - 1].split(), "to", *names[k].split()]
-            question.append("?")
-            questions.append((question, list(boards[k][c]), [(k - 1, c), (k, c)], []))
-    return questions
 
 
 def make_sample(
@@ -310,10 +223,10 @@ def make_sample(
         raise ValueError("num_facts=0 is not allowed for task 'text_needle'; allowed: >= 1")
 
     names = [NAMES[i] for i in rng.permutation(len(NAMES))[:num_images]]
-    boards = [_random_board(rng, fill) for _ in range(num_images)]
+    boards = [random_board(rng, fill) for _ in range(num_images)]
     keys = [KEYS[i] for i in rng.permutation(len(KEYS))[:num_facts]]
     values = [list(COLOURS)[i] for i in rng.integers(len(COLOURS), size=num_facts)]
-    questions = _plan_questions(task, rng, names, boards, keys, values, num_questions)
+    questions = plan_questions(task, rng, names, boards, keys, values, num_questions)
     # facts go before image slot s (s == num_images: after the last image); never inside a
     # comparison pair, which must stay adjacent
     pair_seconds = {k for q in questions if task == "comparison" for k, _ in q[2][1:]}
@@ -363,7 +276,7 @@ def _lay_out(
 
 
 def _assemble(
-    task: str, questions: list[_Question], boards: list[Board], names: list[str], layout: _Layout
+    task: str, questions: list[Question], boards: list[Board], names: list[str], layout: _Layout
 ) -> Sample:
     """The sample: the context of ``layout`` with the first question appended, the others as
     followups, and the positions each question reads."""
