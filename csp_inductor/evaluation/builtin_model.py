@@ -1,14 +1,20 @@
 """The built-in model: the shipped tiny LLaVA trained on VisualHaystack, its word-level
-tokenizer and its processor."""
+tokenizer and its processor; saving a trained one, and its full-cache accuracy."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from csp_inductor.evaluation.batching import collate, score
 from csp_inductor.evaluation.boards import (
+    BOS_TOKEN_ID,
     CELL,
+    EOS_TOKEN_ID,
     IMAGE_SIZE,
     NUM_CHANNELS,
+    PAD_TOKEN_ID,
     PIXEL_MEAN,
     PIXEL_STD,
     SPECIAL_TOKENS,
@@ -105,3 +111,43 @@ def build_processor():
         patch_size=CELL,
         vision_feature_select_strategy="full",
     )
+
+
+@torch.no_grad()
+def evaluate(model, samples, *, batch_size: int = 8, max_new_tokens: int = 3):
+    """Greedy full-cache accuracy per task: ``{task: accuracy}`` plus ``"all"``."""
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    ordered = sorted(samples, key=lambda s: len(s.input_ids))
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i : i + batch_size]
+        batch = collate(chunk)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=PAD_TOKEN_ID,
+            eos_token_id=EOS_TOKEN_ID,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
+        for s, ids in zip(chunk, new, strict=True):
+            hits.setdefault(s.task, []).append(score(ids, s))
+    acc = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    acc["all"] = sum(sum(v) for v in hits.values()) / max(1, len(samples))
+    return acc
+
+
+def save_pretrained(model, out: Path) -> None:
+    """Write model (safetensors), tokenizer, processor and generation config to ``out``."""
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=PAD_TOKEN_ID,
+        do_sample=False,
+        max_new_tokens=3,
+    )
+    model.save_pretrained(out)
+    build_processor().save_pretrained(out)  # also writes the tokenizer files
