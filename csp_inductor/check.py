@@ -251,19 +251,35 @@ def run(args) -> int:
             return REFUSED
         finally:
             restore(model)
-        if isinstance(policy, CSP):
-            continue
-        tokens, want_tokens = got[0][0].tolist(), want[0][0].tolist()
-        same = sum(a == b for a, b in zip(tokens, want_tokens, strict=False))
-        moved = ""
-        if got[1].shape == want[1].shape:
-            difference = (got[1].float() - want[1].float()).abs().max().item()
-            moved = f" (max |logit difference| {difference:.2g})"
-        exact &= tokens == want_tokens
-        print(
-            f"{name:<{W}}{'exact' if tokens == want_tokens else 'NOT EXACT'}: {same} of "
-            f"{len(want_tokens)} greedy tokens equal the unmodified model's{moved}"
-        )
+        if not isinstance(policy, CSP):
+            exact &= _compare(name, got, want)
+    _print_bytes(kept, held, per_token, args.new_tokens)
+    status = SERVED if exact else REFUSED
+    verdict = "served" if exact else "NOT served: Full() differs from the unmodified model"
+    if exact and family.multimodal and not visual:
+        verdict += " for text (the prompt had no visual tokens: they are unchecked)"
+    print(f"{'result':<{W}}{verdict} ({time.perf_counter() - started:.0f} s, exit {status})")
+    return status
+
+
+def _compare(name: str, got, want) -> bool:
+    """Print how the greedy tokens (and logits) of a run match the unmodified model's ``want``;
+    whether the tokens are equal."""
+    tokens, want_tokens = got[0][0].tolist(), want[0][0].tolist()
+    same = sum(a == b for a, b in zip(tokens, want_tokens, strict=False))
+    moved = ""
+    if got[1].shape == want[1].shape:
+        difference = (got[1].float() - want[1].float()).abs().max().item()
+        moved = f" (max |logit difference| {difference:.2g})"
+    print(
+        f"{name:<{W}}{'exact' if tokens == want_tokens else 'NOT EXACT'}: {same} of "
+        f"{len(want_tokens)} greedy tokens equal the unmodified model's{moved}"
+    )
+    return tokens == want_tokens
+
+
+def _print_bytes(kept: dict, held: dict, per_token: int, new_tokens: int) -> None:
+    """The KV bytes of CSP(0.2) against Full(): the prompt's, and the caches held."""
     prompt_bytes = {name: kept[name] * per_token for name in ("Full()", "CSP(0.2)")}
     print(
         f"{'KV bytes':<{W}}the prompt's: CSP(0.2) keeps {kept['CSP(0.2)']} of {kept['Full()']} "
@@ -271,16 +287,10 @@ def run(args) -> int:
         f"({prompt_bytes['CSP(0.2)'] / prompt_bytes['Full()']:.1%})"
     )
     print(
-        f"{'':<{W}}held, with room for {args.new_tokens} new tokens: "
+        f"{'':<{W}}held, with room for {new_tokens} new tokens: "
         f"{_size(held['CSP(0.2)'])} vs {_size(held['Full()'])} "
         f"({held['CSP(0.2)'] / held['Full()']:.1%})"
     )
-    status = SERVED if exact else REFUSED
-    verdict = "served" if exact else "NOT served: Full() differs from the unmodified model"
-    if exact and family.multimodal and not visual:
-        verdict += " for text (the prompt had no visual tokens: they are unchecked)"
-    print(f"{'result':<{W}}{verdict} ({time.perf_counter() - started:.0f} s, exit {status})")
-    return status
 
 
 def _size(nbytes: int) -> str:

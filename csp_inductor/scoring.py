@@ -202,15 +202,7 @@ def _window_pass(
     out = None
     if v is not None:
         out = torch.empty(b, hkv, group, w, v.shape[-1], dtype=torch.float32, device=device)
-    pad = key_padding
-    if pad is None:
-        pad = torch.zeros(b, full, dtype=torch.bool, device=device)
-    rows_valid = ~pad[:, full - w :]
-    if window_mask is not None:
-        rows_valid = rows_valid & window_mask
-    rows_img = is_image[:, full - w :]
-    # per window row: its weight goes to accumulator 0 if it is an image query, else 1
-    rows_onehot = torch.stack([rows_img, ~rows_img], dim=-1) & rows_valid[..., None]
+    pad, rows_onehot = _row_modalities(is_image, key_padding, window_mask, w, device)
     key_pos = torch.arange(seq, device=device)
     log_n = _log(n)
     row_lse = None if lse is None else lse.view(b, hkv, group, w)
@@ -242,20 +234,8 @@ def _window_pass(
                 probs.view(seq, group, c)[first:].masked_fill_(future, -math.inf)
                 if key_padding is not None:
                     probs.masked_fill_(pad[i, :seq, None], -math.inf)
-                if row_lse is None:
-                    # P·total = exp(s - max), LSE = max + log(total)
-                    row_max = probs.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
-                    exp_shifted_(probs, row_max)
-                    total = probs.sum(dim=0)  # 0 for a fully masked row
-                    chunk_lse = row_max + total.log()
-                    # a fully masked row (a padding query) has total = 0 and contributes nothing
-                    weight = torch.where(total > 0, torch.sigmoid(chunk_lse - log_n) / total, 0.0)
-                else:
-                    chunk_lse = row_lse[i, j, :, start:stop].reshape(group * c)
-                    # no inf - inf
-                    chunk_lse = torch.where(chunk_lse.isfinite(), chunk_lse, math.inf)
-                    exp_shifted_(probs, chunk_lse)
-                    weight = torch.sigmoid(chunk_lse - log_n)
+                given = None if row_lse is None else row_lse[i, j, :, start:stop].reshape(group * c)
+                weight, total = _exponentiate_(probs, given, log_n, exp_shifted_)
                 if out is not None:
                     rows_out = probs.T @ values[i, j]
                     norm = torch.where(total > 0, total.reciprocal(), 0.0)
@@ -265,15 +245,60 @@ def _window_pass(
                 coef = weight.view(group, c, 1) * rows_onehot[i, None, start:stop]
                 for m in range(2):
                     acc[i, j, m].addmv_(probs, coef[..., m].reshape(group * c))
+    scores = _self_cross(acc, is_image, full)
+    if out is None:
+        return None, scores
+    return out.view(b, hq, w, -1).to(q_window.dtype), scores
+
+
+def _row_modalities(
+    is_image: Tensor, key_padding: Tensor | None, window_mask: Tensor | None, w: int, device
+) -> tuple[Tensor, Tensor]:
+    """The key padding (all False when None) and, per window row, a one-hot (batch, W, 2) of
+    the accumulator its weight goes to: 0 for an image query, 1 for a text one (none for a
+    row that does not count)."""
+    b, full = is_image.shape
+    pad = key_padding
+    if pad is None:
+        pad = torch.zeros(b, full, dtype=torch.bool, device=device)
+    rows_valid = ~pad[:, full - w :]
+    if window_mask is not None:
+        rows_valid = rows_valid & window_mask
+    rows_img = is_image[:, full - w :]
+    # per window row: its weight goes to accumulator 0 if it is an image query, else 1
+    return pad, torch.stack([rows_img, ~rows_img], dim=-1) & rows_valid[..., None]
+
+
+def _exponentiate_(
+    probs: Tensor, lse: Tensor | None, log_n: float, exp_shifted_
+) -> tuple[Tensor, Tensor | None]:
+    """In place: the chunk's logits (seq, rows) become their exponentials, shifted by the rows'
+    maxima, or by their log-sum-exp ``lse`` when given. Returns each row's n-softmax weight per
+    exponential and, without ``lse``, the rows' sums."""
+    if lse is None:
+        # P·total = exp(s - max), LSE = max + log(total)
+        row_max = probs.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
+        exp_shifted_(probs, row_max)
+        total = probs.sum(dim=0)  # 0 for a fully masked row
+        chunk_lse = row_max + total.log()
+        # a fully masked row (a padding query) has total = 0 and contributes nothing
+        return torch.where(total > 0, torch.sigmoid(chunk_lse - log_n) / total, 0.0), total
+    # no inf - inf
+    chunk_lse = torch.where(lse.isfinite(), lse, math.inf)
+    exp_shifted_(probs, chunk_lse)
+    return torch.sigmoid(chunk_lse - log_n), None
+
+
+def _self_cross(acc: Tensor, is_image: Tensor, full: int) -> Tensor:
+    """Self/cross scores (batch, kv_heads, 2, full) from the per-key sums of image and text
+    queries (batch, kv_heads, 2, seq), by each key's modality; keys past ``seq`` score 0."""
+    seq = acc.shape[-1]
     c_img, c_txt = acc.unbind(dim=2)
     key_img = is_image[:, None, :seq]
     scores = torch.stack(
         [torch.where(key_img, c_img, c_txt), torch.where(key_img, c_txt, c_img)], dim=2
     )
-    scores = torch.nn.functional.pad(scores, (0, full - seq))
-    if out is None:
-        return None, scores
-    return out.view(b, hq, w, -1).to(q_window.dtype), scores
+    return torch.nn.functional.pad(scores, (0, full - seq))
 
 
 def _exp_shifted_(logits: Tensor, shift: Tensor) -> None:

@@ -101,7 +101,7 @@ def test_conversation_answers_equal_one_forward_over_the_history(conversations):
     """With a full cache, every turn's answer is what the unmodified model predicts over the
     whole conversation in one forward (the turn machinery adds nothing), and it is right."""
     from csp_inductor.evaluation import haystack as hs
-    from csp_inductor.evaluation.eval import _converse, pruning
+    from csp_inductor.evaluation.harness import _converse, pruning
 
     model, data = conversations
     sample = next(s for s in data if s.task == "comparison")

@@ -18,7 +18,7 @@ from lmms_eval.tasks import TaskManager
 import csp_inductor
 from csp_inductor import CSP, SnapKV
 from csp_inductor.evaluation import haystack as hs
-from csp_inductor.evaluation.eval import _generate
+from csp_inductor.evaluation.harness import _generate
 from csp_inductor.evaluation.lmms_plugin import CSPInductor
 
 ROOT = Path(__file__).parents[1]

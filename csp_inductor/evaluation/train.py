@@ -47,15 +47,50 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+import torch.nn.functional as F  # noqa: F401  (train.F: the tests spy on its cross_entropy)
 from tqdm import tqdm
-from transformers.models.llama.modeling_llama import rotate_half
 
 from csp_inductor.evaluation import haystack as hs
+from csp_inductor.evaluation.builtin_model import evaluate, save_pretrained
+from csp_inductor.evaluation.train_losses import (
+    CELL_LAYER,
+    PREVIOUS_LAYER,
+    QUESTION_LAYER,
+    QUESTION_SPAN,
+    RETRIEVAL_LAYER,
+    RETRIEVED_LAYER,
+    AuxiliaryProbes,
+    cell_labels,
+    retrieval_loss,
+    retrieval_queries,
+    training_loss,
+)
+
+__all__ = [
+    "CELL_LAYER",
+    "DEFAULT_WORK_DIR",
+    "PREVIOUS_LAYER",
+    "QUESTION_LAYER",
+    "QUESTION_SPAN",
+    "RETRIEVAL_LAYER",
+    "RETRIEVED_LAYER",
+    "AuxiliaryProbes",
+    "batch_for_step",
+    "build_config",
+    "cell_labels",
+    "curriculum_floor",
+    "evaluate",
+    "main",
+    "retrieval_loss",
+    "retrieval_queries",
+    "save_pretrained",
+    "training_loss",
+]
+
 
 DEFAULT_WORK_DIR = Path("/tmp/csp_inductor_tiny_llava")
 
@@ -131,219 +166,11 @@ def batch_for_step(step: int, frontier: int, args) -> list[hs.Sample]:
     ]
 
 
-CELL_LAYER = 1  # decoder layer whose output predicts each image token's own cell
-PREVIOUS_LAYER = 2  # ... and the same cell of the previous image
-QUESTION_LAYER = 1  # ... and, at every "?", the question's last QUESTION_SPAN tokens
-QUESTION_SPAN = 7
-RETRIEVAL_LAYER = 2  # one head of this layer is taught to attend from "?" to the needle
-RETRIEVED_LAYER = RETRIEVAL_LAYER + 1  # its output predicts the contents of the needle cell
-_SHAPE_MASKS = torch.stack([torch.from_numpy(hs._MASKS[s]) for s in hs.SHAPES])
-_COLOUR_RGB = torch.tensor(list(hs.COLOURS.values()))
-_FRAME_RGB = torch.tensor(hs.FRAME_LEVELS)
-
-
-def cell_labels(pixel_values: torch.Tensor) -> torch.Tensor:
-    """Class labels of every cell, read from pixels (a vectorized ``hs.read_board``).
-
-    ``pixel_values`` (num_images, 3, IMAGE_SIZE, IMAGE_SIZE) normalized; returns a long tensor
-    (num_images, TOKENS_PER_IMAGE, 4): colour (0 empty, 1 + index in ``COLOURS``), shape
-    (0 empty, 1 + index in ``SHAPES``) and the two frame-code colours (indices into
-    ``FRAME_LEVELS``).
-    """
-    n, g, c = pixel_values.shape[0], hs.GRID, hs.CELL
-    img = pixel_values.float() * hs.PIXEL_STD + hs.PIXEL_MEAN
-    cells = img.reshape(n, 3, g, c, g, c).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, 3, c, c)
-    lit = cells.amax(dim=2) > 0.7  # shapes are drawn at 1.0, frames at 0.4
-    match = (lit[:, :, None] == _SHAPE_MASKS).flatten(-2).all(-1)  # (n, cells, shapes)
-    shape = torch.where(match.any(-1), match.int().argmax(-1) + 1, 0)
-    rgb = (cells * lit[:, :, None]).sum((-1, -2)) / lit.sum((-1, -2)).clamp(min=1)[..., None]
-    colour = (rgb[:, :, None] - _COLOUR_RGB).abs().sum(-1).argmin(-1) + 1
-    colour = torch.where(shape > 0, colour, 0)
-    mid = c // 2  # the frame's first colour runs along the top edge, its second along the bottom
-    frames = [
-        (cells[:, :, :, row, mid, None] - _FRAME_RGB.T).abs().sum(2).argmin(-1)
-        for row in (0, c - 1)
-    ]
-    return torch.stack([colour, shape, *frames], dim=-1)
-
-
-class AuxiliaryProbes(nn.Module):
-    """Linear read-outs of decoder hidden states, trained with the model and then discarded.
-
-    ``loss`` takes the decoder's ``hidden_states`` (tuple of (batch, seq, hidden), index 0 the
-    embeddings), the batch's ``input_ids`` (batch, seq), ``pixel_values``, the number of
-    images of each sample (to find each image's predecessor within its own prompt) and the
-    retrieval ``queries`` ``(rows, cols, targets)`` of :func:`retrieval_queries`.
-    """
-
-    def __init__(self, hidden: int, vocab: int):
-        super().__init__()
-        classes = (
-            len(hs.COLOURS) + 1,
-            len(hs.SHAPES) + 1,
-            len(hs.FRAME_LEVELS),
-            len(hs.FRAME_LEVELS),
-        )
-        self.cell = nn.ModuleList(nn.Linear(hidden, k) for k in classes)
-        self.previous = nn.ModuleList(nn.Linear(hidden, k) for k in classes[:2])
-        self.retrieved = nn.ModuleList(nn.Linear(hidden, k) for k in classes)
-        self.question = nn.ModuleList(nn.Linear(hidden, vocab) for _ in range(QUESTION_SPAN))
-
-    def loss(
-        self, hidden_states, input_ids, pixel_values, images_per_sample, queries
-    ) -> torch.Tensor:
-        labels = cell_labels(pixel_values)  # (images, cells, 4), images in batch order
-        first = torch.zeros(len(labels), dtype=torch.bool)
-        first[torch.tensor(images_per_sample).cumsum(0)[:-1]] = True
-        first[0] = True
-        previous = torch.roll(labels[:, :, :2], 1, dims=0).masked_fill(first[:, None, None], -100)
-        labels, previous = labels.flatten(0, 1), previous.flatten(0, 1)
-        is_image = input_ids == hs.IMAGE_TOKEN_ID  # row-major order == batch order of images
-        h_cell = hidden_states[CELL_LAYER][is_image]
-        h_prev = hidden_states[PREVIOUS_LAYER][is_image]
-        total = sum(F.cross_entropy(head(h_cell), labels[:, i]) for i, head in enumerate(self.cell))
-        total = total + sum(
-            F.cross_entropy(head(h_prev), previous[:, i], ignore_index=-100)
-            for i, head in enumerate(self.previous)
-        )
-        rows, cols = (input_ids == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
-        h_q = hidden_states[QUESTION_LAYER][rows, cols]
-        for offset, head in enumerate(self.question, start=1):
-            target = input_ids[rows, (cols - offset).clamp(min=0)]
-            total = total + 0.5 * F.cross_entropy(head(h_q), target)
-        rows, cols, targets = queries
-        on_image = is_image[rows, targets]
-        if not on_image.any():  # e.g. a batch of one text_needle prompt
-            return total
-        rows, cols, targets = rows[on_image], cols[on_image], targets[on_image]
-        cell = is_image.flatten().cumsum(0)[rows * is_image.shape[1] + targets] - 1
-        h_r = hidden_states[RETRIEVED_LAYER][rows, cols]
-        return total + sum(
-            F.cross_entropy(head(h_r), labels[cell, i]) for i, head in enumerate(self.retrieved)
-        )
-
-
-def retrieval_queries(batch, samples: list[hs.Sample]):
-    """Where retrieval is supervised: every ``?`` (it predicts the first answer token) and, for
-    two-token answers, the first answer token too (it predicts the second, which needs the
-    needle again). Returns ``(rows, cols, targets)``: the query positions and their questions'
-    ``focus``, all in the batch's (left-padded) positions."""
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    rows, cols = (input_ids == hs.TOKEN_TO_ID["?"]).nonzero(as_tuple=True)
-    focus = torch.cat([s.focus for s in samples]) + (mask == 0).sum(1)[rows]
-    answers = [len(a) for s in samples for a in (s.answer_ids, *(a for _, a in s.followups))]
-    longer = torch.tensor(answers) > 1
-    return (
-        torch.cat([rows, rows[longer]]),
-        torch.cat([cols, cols[longer] + 1]),
-        torch.cat([focus, focus[longer]]),
-    )
-
-
-def retrieval_loss(model, hidden_states, batch, queries) -> torch.Tensor:
-    """Cross-entropy of one attention head's distribution at every query of
-    :func:`retrieval_queries` against its question's ``focus`` position (the needle the answer
-    is read from).
-
-    The head is query head 0 (KV head 0) of decoder layer ``RETRIEVAL_LAYER``, recomputed from
-    that layer's input exactly as the model computes it (norm, projections, RoPE at the batch's
-    positions, causal and padding masks), so the supervision shapes the model's own retrieval.
-    """
-    text = model.model.language_model
-    attn = text.layers[RETRIEVAL_LAYER].self_attn
-    h = text.layers[RETRIEVAL_LAYER].input_layernorm(hidden_states[RETRIEVAL_LAYER])
-    mask = batch["attention_mask"]
-    cos, sin = text.rotary_emb(h, hs.position_ids(mask))
-    rows, cols, target = queries
-    d = attn.head_dim
-    q, k = attn.q_proj(h[rows, cols])[:, :d], attn.k_proj(h)[..., :d]
-    q = q * cos[rows, cols] + rotate_half(q) * sin[rows, cols]
-    k = k * cos + rotate_half(k) * sin
-    logits = torch.einsum("nd,nld->nl", q, k[rows]) * attn.scaling
-    positions = torch.arange(h.shape[1])
-    allowed = (positions <= cols[:, None]) & mask[rows].bool()
-    return F.cross_entropy(logits.masked_fill(~allowed, -math.inf), target)
-
-
-def training_loss(model, probes: AuxiliaryProbes | None, batch, samples: list[hs.Sample]):
-    """``(answer loss, auxiliary loss, answer-token accuracy)`` of one batch.
-
-    The answer loss is the cross-entropy on answer + ``<eos>`` tokens, averaged per prompt and
-    then over prompts (the accuracy too); the auxiliary loss is zero without ``probes``.
-    """
-    mask = batch["attention_mask"]
-    out = model(
-        input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        attention_mask=mask,
-        position_ids=hs.position_ids(mask),
-        output_hidden_states=probes is not None,
-    )
-    labels = batch["labels"]
-    logits, target = out.logits[:, :-1].float(), labels[:, 1:]
-    labelled = target != -100
-    # every prompt weighs the same, however many questions it carries: otherwise the tasks
-    # with many follow-ups (image_needle) drown the single-question ones (text_needle)
-    per_row = labelled.sum(1, keepdim=True).clamp(min=1)
-    weight = (labelled / per_row)[labelled] / labels.shape[0]
-    loss = (F.cross_entropy(logits[labelled], target[labelled], reduction="none") * weight).sum()
-    answer = labelled & (target != hs.EOS_TOKEN_ID)
-    right = ((logits.argmax(-1) == target) & answer).sum(1) / answer.sum(1).clamp(min=1)
-    aux = torch.zeros(())
-    if probes is not None:
-        images_per_sample = [s.num_images for s in samples]
-        queries = retrieval_queries(batch, samples)
-        aux = probes.loss(
-            out.hidden_states, batch["input_ids"], batch["pixel_values"], images_per_sample, queries
-        ) + retrieval_loss(model, out.hidden_states, batch, queries)
-    return loss, aux, right.mean()
-
-
-@torch.no_grad()
-def evaluate(model, samples, *, batch_size: int = 8, max_new_tokens: int = 3):
-    """Greedy full-cache accuracy per task: ``{task: accuracy}`` plus ``"all"``."""
-    model.eval()
-    hits: dict[str, list[bool]] = {}
-    ordered = sorted(samples, key=lambda s: len(s.input_ids))
-    for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i : i + batch_size]
-        batch = hs.collate(chunk)
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=hs.PAD_TOKEN_ID,
-            eos_token_id=hs.EOS_TOKEN_ID,
-        )
-        new = out[:, batch["input_ids"].shape[1] :]
-        for s, ids in zip(chunk, new, strict=True):
-            hits.setdefault(s.task, []).append(hs.score(ids, s))
-    acc = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
-    acc["all"] = sum(sum(v) for v in hits.values()) / max(1, len(samples))
-    return acc
-
-
-def save_pretrained(model, out: Path) -> None:
-    """Write model (safetensors), tokenizer, processor and generation config to ``out``."""
-    from transformers import GenerationConfig
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=hs.BOS_TOKEN_ID,
-        eos_token_id=hs.EOS_TOKEN_ID,
-        pad_token_id=hs.PAD_TOKEN_ID,
-        do_sample=False,
-        max_new_tokens=3,
-    )
-    model.save_pretrained(out)
-    hs.build_processor().save_pretrained(out)  # also writes the tokenizer files
-
-
 def _resolved(path: Path | None) -> Path | None:
     return None if path is None else Path(path).resolve()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets" / "tiny_llava")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
@@ -375,19 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--export-only", action="store_true", help="save + evaluate the checkpoint, no training"
     )
-    args = p.parse_args(argv)
-    if args.aux_weight > 0 and args.layers <= RETRIEVAL_LAYER:
-        p.error(
-            f"--layers {args.layers}: the auxiliary losses read decoder layer {RETRIEVAL_LAYER}, "
-            f"so --layers must be >= {RETRIEVAL_LAYER + 1} (or --aux-weight 0)"
-        )
+    return p
 
+
+def _model(p: argparse.ArgumentParser, args):
+    """The model to train: a new one of ``--hidden`` and ``--layers``, or ``--init``'s."""
     from transformers import LlavaForConditionalGeneration
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    state_path = args.work_dir / "state.pt"
 
     if args.init is None:
         model = LlavaForConditionalGeneration(build_config(hidden=args.hidden, layers=args.layers))
@@ -400,90 +220,114 @@ def main(argv: list[str] | None = None) -> None:
                 f"--hidden {args.hidden} --layers {args.layers}: they must match"
             )
     model.config.use_cache = True
-    text = model.config.text_config
-    probes = AuxiliaryProbes(text.hidden_size, text.vocab_size) if args.aux_weight > 0 else None
-    params = [*model.parameters(), *(probes.parameters() if probes is not None else ())]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    return model
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    start, elapsed, frontier = 0, 0.0, 2
-    ema_loss, ema_acc = None, None
-    if state_path.exists() and not args.fresh:
-        state = torch.load(state_path, weights_only=False)
-        if _resolved(state["args"].get("init")) != _resolved(args.init):
-            p.error(
-                f"--work-dir {args.work_dir} holds a run with --init {state['args'].get('init')}, "
-                f"not --init {args.init}: pass --fresh to start over or another --work-dir"
-            )
-        model.load_state_dict(state["model"])
-        if probes is not None:
-            probes.load_state_dict(state["probes"])
-        opt.load_state_dict(state["opt"])
-        start, elapsed = state["step"], state["elapsed"]
-        frontier, ema_loss, ema_acc = state["frontier"], state["ema_loss"], state["ema_acc"]
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resuming from {state_path} at step {start} ({elapsed / 60:.1f} min so far)")
+def _lr_at(step: int, args) -> float:
+    """Linear warm-up over ``--warmup`` steps, then a cosine decay to 5% of ``--lr``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    def checkpoint(step: int) -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "probes": probes.state_dict() if probes is not None else None,
-                "opt": opt.state_dict(),
-                "step": step,
-                "elapsed": elapsed,
-                "frontier": frontier,
-                "ema_loss": ema_loss,
-                "ema_acc": ema_acc,
-                "torch_rng": torch.get_rng_state(),
-                "args": vars(args),
-            },
-            tmp,
+
+@dataclass
+class _Progress:
+    """Where a run stands, checkpointed with the weights: minutes spent, the curriculum
+    frontier, the running answer loss and accuracy."""
+
+    elapsed: float = 0.0
+    frontier: int = 2
+    ema_loss: float | None = None
+    ema_acc: float | None = None
+
+
+def _resume(p: argparse.ArgumentParser, args, state_path: Path, model, probes, opt):
+    """``(first step, progress)``: of the checkpoint at ``state_path`` (loaded into ``model``,
+    ``probes`` and ``opt``), or of a new run."""
+    if not state_path.exists() or args.fresh:
+        return 0, _Progress()
+    state = torch.load(state_path, weights_only=False)
+    if _resolved(state["args"].get("init")) != _resolved(args.init):
+        p.error(
+            f"--work-dir {args.work_dir} holds a run with --init {state['args'].get('init')}, "
+            f"not --init {args.init}: pass --fresh to start over or another --work-dir"
         )
-        tmp.replace(state_path)
+    model.load_state_dict(state["model"])
+    if probes is not None:
+        probes.load_state_dict(state["probes"])
+    opt.load_state_dict(state["opt"])
+    start, elapsed = state["step"], state["elapsed"]
+    progress = _Progress(elapsed, state["frontier"], state["ema_loss"], state["ema_acc"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resuming from {state_path} at step {start} ({elapsed / 60:.1f} min so far)")
+    return start, progress
 
+
+def _checkpoint(state_path: Path, step: int, progress: _Progress, model, probes, opt, args):
+    tmp = state_path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "probes": probes.state_dict() if probes is not None else None,
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": progress.elapsed,
+            "frontier": progress.frontier,
+            "ema_loss": progress.ema_loss,
+            "ema_acc": progress.ema_acc,
+            "torch_rng": torch.get_rng_state(),
+            "args": vars(args),
+        },
+        tmp,
+    )
+    tmp.replace(state_path)
+
+
+def _train(args, model, probes, opt, params, start: int, progress: _Progress, state_path: Path):
+    """Steps ``start`` to ``--steps`` (none with ``--export-only``), checkpointed every
+    ``--save-every`` steps and at the end; returns the step it ends at."""
     model.train()
     end = start if args.export_only else args.steps
     bar = tqdm(range(start, end), initial=start, total=args.steps, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         floor = curriculum_floor(step, args.steps, args.hold, args.ramp, args.max_images)
-        if step % 10 == 0 and ema_acc is not None and ema_acc >= args.advance_at:
-            frontier += 1
-        frontier = min(args.max_images, max(frontier, floor))
-        samples = batch_for_step(step, frontier, args)
+        if step % 10 == 0 and progress.ema_acc is not None and progress.ema_acc >= args.advance_at:
+            progress.frontier += 1
+        progress.frontier = min(args.max_images, max(progress.frontier, floor))
+        samples = batch_for_step(step, progress.frontier, args)
         batch = hs.collate(samples, with_answers=True)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = _lr_at(step, args)
         loss, aux, right = training_loss(model, probes, batch, samples)
         (loss + args.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        acc = right.item()
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        acc, ema_loss, ema_acc = right.item(), progress.ema_loss, progress.ema_acc
+        progress.ema_loss = (
+            loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        )
+        progress.ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         bar.set_postfix(
-            frontier=frontier,
+            frontier=progress.frontier,
             imgs=samples[0].num_images,
-            loss=f"{ema_loss:.3f}",
+            loss=f"{progress.ema_loss:.3f}",
             aux=f"{aux.item():.2f}",
-            acc=f"{ema_acc:.2f}",
+            acc=f"{progress.ema_acc:.2f}",
         )
         if (step + 1) % args.save_every == 0 or step + 1 == end:
-            elapsed += time.perf_counter() - t0
+            progress.elapsed += time.perf_counter() - t0
             t0 = time.perf_counter()
-            checkpoint(step + 1)
-    elapsed += time.perf_counter() - t0
+            _checkpoint(state_path, step + 1, progress, model, probes, opt, args)
+    progress.elapsed += time.perf_counter() - t0
     bar.close()
-    print(f"training time: {elapsed / 60:.1f} min at step {end} ({args.threads} thread(s))")
+    return end
 
+
+def _export(args, model, elapsed: float, end: int) -> None:
+    """Write the model to ``--out``; evaluate it on the held-out split into ``eval.json``."""
     save_pretrained(model, args.out)
     size = (args.out / "model.safetensors").stat().st_size / 2**20
     print(f"saved to {args.out} ({size:.1f} MiB)")
@@ -502,6 +346,33 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(report["accuracy"], indent=2))
     (args.work_dir / "eval.json").write_text(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.aux_weight > 0 and args.layers <= RETRIEVAL_LAYER:
+        p.error(
+            f"--layers {args.layers}: the auxiliary losses read decoder layer {RETRIEVAL_LAYER}, "
+            f"so --layers must be >= {RETRIEVAL_LAYER + 1} (or --aux-weight 0)"
+        )
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    state_path = args.work_dir / "state.pt"
+
+    model = _model(p, args)
+    text = model.config.text_config
+    probes = AuxiliaryProbes(text.hidden_size, text.vocab_size) if args.aux_weight > 0 else None
+    params = [*model.parameters(), *(probes.parameters() if probes is not None else ())]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, progress = _resume(p, args, state_path, model, probes, opt)
+    end = _train(args, model, probes, opt, params, start, progress, state_path)
+    print(
+        f"training time: {progress.elapsed / 60:.1f} min at step {end} ({args.threads} thread(s))"
+    )
+    _export(args, model, progress.elapsed, end)
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def compare(argv: list[str] | None = None) -> int:
     import time
 
     from ..evaluation import haystack as hs
-    from ..evaluation.eval import _generate, pruning
+    from ..evaluation.harness import _generate, pruning
     from ..policies import CSP
 
     p = argparse.ArgumentParser(prog="python -m csp_inductor kvpress", description=compare.__doc__)
