@@ -49,7 +49,7 @@ def demo(argv: list[str]) -> int:
     )
     header = f"{'policy':<10}{'accuracy':>10}{'KV held':>12}{'of full':>9}{'decode tok/s':>14}"
     say(header, "-" * len(header), sep="\n")
-    with pruning(model, Full(), compiled=args.compile):  # one backend for the three policies
+    with pruning(model, Full(), compile=args.compile):  # one backend for the three policies
         for name in ("full", "csp", "snapkv"):
             policy = PolicySpec(name).build(args.budget)
             stats = run_haystack(model, data, policy, ranks=share)

@@ -120,11 +120,11 @@ def decode_sliding_mask(positions: Tensor, seen: Tensor, window: int, group: int
     return decode_sliding
 
 
-def visible_mask(hidden: Tensor):
-    """Slots not hidden: ``hidden`` (batch, cap) bool, True for a turn's padding slots."""
+def visible_mask(padding_slots: Tensor):
+    """Slots not hidden: ``padding_slots`` (batch, cap) bool, True for a turn's padding."""
 
     def visible(b, h, q_idx, kv_idx):
-        return ~hidden[b, kv_idx]
+        return ~padding_slots[b, kv_idx]
 
     return visible
 
@@ -270,11 +270,11 @@ def decode_attention(
     null_logit: float | None = None,
     chunk: int | None = None,
     starts: Tensor | None = None,
-    hidden: Tensor | None = None,
+    padding_slots: Tensor | None = None,
 ) -> Tensor:
     """New tokens over the static buffers. q (b, hq, t, d), keys/values (b, hkv, cap, d),
     lengths (b,), positions (b, hkv, cap), seen () -> (b, t, hq, d). A chunked layer's
-    ``chunk`` counts from ``starts`` (b,), the rows' left padding. ``hidden`` (b, cap) bool:
+    ``chunk`` counts from ``starts`` (b,), the rows' left padding. ``padding_slots`` (b, cap) bool:
     slots no query sees (a conversation turn's padding; SDPA only, flex has it in its block
     mask).
 
@@ -292,8 +292,8 @@ def decode_attention(
     slots = torch.arange(cap, device=q.device)
     steps = torch.arange(t, device=q.device)
     allowed = slots[None, None, :] < (lengths[:, None, None] + steps[None, :, None] + 1)
-    if hidden is not None:
-        allowed = allowed & ~hidden[:, None, :]
+    if padding_slots is not None:
+        allowed = allowed & ~padding_slots[:, None, :]
     allowed = allowed[:, None]  # (b, 1, t, cap)
     q_pos = (seen + steps)[None, None, :, None]  # (1, 1, t, 1)
     k_pos = positions[:, :, None, :]  # (b, hkv, 1, cap)
@@ -327,14 +327,14 @@ def decode_block_mask(
     null_slot: bool = False,
     chunk: int | None = None,
     starts: Tensor | None = None,
-    hidden: Tensor | None = None,
+    padding_slots: Tensor | None = None,
 ) -> BlockMask:
     """The flex decode mask, built once per prompt (see :func:`dense_partial_block_mask`).
     Global layers share one; a sliding-window or chunked layer needs its own (its stored
-    positions). ``hidden`` (b, cap) bool: slots no query sees (a turn's padding)."""
+    positions). ``padding_slots`` (b, cap) bool: slots no query sees (a turn's padding)."""
     mod = decode_valid_mask(lengths)
-    if hidden is not None:
-        mod = and_masks(mod, visible_mask(hidden))
+    if padding_slots is not None:
+        mod = and_masks(mod, visible_mask(padding_slots))
     heads = 1
     group = q_heads // positions.shape[1]
     if sliding_window is not None:

@@ -2,8 +2,9 @@
 
 For a local checkpoint of any VLM or LLM (nothing is downloaded), in its own dtype:
 
-1. the family detection finds: the decoder, how a prompt marks its visual tokens, and what the
-   backend does with each decoder layer (pruned, kept whole, shared), or why it refuses it;
+1. what the detection of the model's layout finds: the decoder, how a prompt marks its visual
+   tokens, and what the backend does with each decoder layer (pruned, kept whole, shared), or
+   why it refuses it;
 2. whether ``Full()`` reproduces the unmodified model's greedy tokens on a short prompt made
    by the model's own processor (with a generated image for a VLM), and how far the logits
    moved;
@@ -92,34 +93,34 @@ def load(path: str, dtype, device: str, remote: bool) -> nn.Module:
     return model
 
 
-def describe(family) -> list[str]:
+def describe(layout) -> list[str]:
     """Report lines: the decoder, the visual tokens, and each run of alike decoder layers."""
     visual = []
-    if family.token_ids:
-        visual.append(f"placeholder ids {', '.join(map(str, family.token_ids))}")
-    if family.token_types:
+    if layout.token_ids:
+        visual.append(f"placeholder ids {', '.join(map(str, layout.token_ids))}")
+    if layout.token_types:
         visual.append("mm_token_type_ids")
     lines = [
-        f"{type(family.decoder).__name__}, {len(family.layer_types)} layer"
-        f"{'s' if len(family.layer_types) > 1 else ''}; visual tokens: "
+        f"{type(layout.decoder).__name__}, {len(layout.layer_types)} layer"
+        f"{'s' if len(layout.layer_types) > 1 else ''}; visual tokens: "
         + (" and ".join(visual) or "none (a text-only model: CSP ranks text alone)")
     ]
 
     def what(i: int) -> str:
-        kind = family.layer_types[i]
+        kind = layout.layer_types[i]
         if kind == "attention":
-            if family.windows[i]:
-                return f"pruned (sliding window {family.windows[i]})"
-            if family.chunks[i]:
-                return f"pruned (chunked attention, chunk {family.chunks[i]})"
+            if layout.windows[i]:
+                return f"pruned (sliding window {layout.windows[i]})"
+            if layout.chunks[i]:
+                return f"pruned (chunked attention, chunk {layout.chunks[i]})"
             return "pruned (full attention)"
         if kind == "recurrent":
             return "kept whole (a recurrent state, not K/V)"
         if kind == "shared":
-            return f"nothing stored (reads layer {family.kv_source[i]}'s pruned K/V)"
+            return f"nothing stored (reads layer {layout.kv_source[i]}'s pruned K/V)"
         return "nothing stored (no attention)"
 
-    for text, run in groupby(range(len(family.layer_types)), key=what):
+    for text, run in groupby(range(len(layout.layer_types)), key=what):
         run = list(run)
         span = f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}"
         lines.append(f"layer{'s' if len(run) > 1 else ''} {span}: {text}")
@@ -134,7 +135,7 @@ def probe_image():
     return Image.merge("RGB", (ramp, ramp.rotate(90), Image.radial_gradient("L")))
 
 
-def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str]:
+def prompt(path: str, model: nn.Module, layout, remote: bool) -> tuple[dict, str]:
     """``generate`` inputs for one short question (with :func:`probe_image` for a model with
     visual tokens), made by the checkpoint's own processor or tokenizer, and what was made."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -155,7 +156,7 @@ def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str
         failed = failed if len(failed) <= 200 else failed[:200] + "..."
     image_token = getattr(processor, "image_token", None)
     multimodal = hasattr(processor, "image_processor")  # (a bare tokenizer takes text only)
-    with_image = family.multimodal and image_token is not None and multimodal
+    with_image = layout.multimodal and image_token is not None and multimodal
     # multimodal chat templates read a list of typed parts, text-only ones a string
     content = PASSAGE
     if multimodal:
@@ -193,7 +194,7 @@ def prompt(path: str, model: nn.Module, family, remote: bool) -> tuple[dict, str
     made = "the model's processor" + (", a generated 256x256 image" if with_image else "")
     if failed is not None:
         made = f"the model's tokenizer, text only: its processor could not be loaded ({failed})"
-    elif family.multimodal and not with_image:
+    elif layout.multimodal and not with_image:
         made += " (text only: it takes no images)"
     return inputs, made
 
@@ -210,18 +211,18 @@ def run(args) -> int:
         f"{type(model).__name__}, {str(model.dtype).removeprefix('torch.')}, {args.device})"
     )
     try:
-        family = detect(model, "csp_inductor")
+        layout = detect(model, "csp_inductor")
     except TypeError as e:
         print(f"{'refused':<{W}}{e}")
         return REFUSED
-    head, *layers = describe(family)
+    head, *layers = describe(layout)
     print(f"{'decoder':<{W}}{head}")
     for line in layers:
         print(f"{'':<{W}}{line}")
 
-    inputs, made = prompt(args.model, model, family, args.trust_remote_code)
+    inputs, made = prompt(args.model, model, layout, args.trust_remote_code)
     ids = inputs["input_ids"]
-    is_image = modality(family, ids, inputs.get("mm_token_type_ids"))
+    is_image = modality(layout, ids, inputs.get("mm_token_type_ids"))
     visual = 0 if is_image is None else int(is_image.sum())
     print(f"{'prompt':<{W}}{ids.shape[1]} tokens ({visual} visual), from {made}")
 
@@ -256,7 +257,7 @@ def run(args) -> int:
     _print_bytes(kept, held, per_token, args.new_tokens)
     status = SERVED if exact else REFUSED
     verdict = "served" if exact else "NOT served: Full() differs from the unmodified model"
-    if exact and family.multimodal and not visual:
+    if exact and layout.multimodal and not visual:
         verdict += " for text (the prompt had no visual tokens: they are unchecked)"
     print(f"{'result':<{W}}{verdict} ({time.perf_counter() - started:.0f} s, exit {status})")
     return status

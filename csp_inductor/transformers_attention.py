@@ -193,7 +193,8 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
         out = decode_attention(
             query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
             scale=scale, sliding_window=window, kernel=step.kernel, block_mask=block_mask,
-            null_logit=step.null_logit, chunk=chunk, starts=cache.starts, hidden=padding_slots,
+            null_logit=step.null_logit, chunk=chunk, starts=cache.starts,
+            padding_slots=padding_slots,
         )  # fmt: skip
     if step.reread is not None:
         reread = step.reread

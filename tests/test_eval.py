@@ -55,6 +55,13 @@ def test_cli_usage_errors(capsys):
         main(["eval", "--budgets", "0,0.2"])
 
 
+@pytest.mark.parametrize("command", ["demo", "chat", "eval", "check", "profile", "train"])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
 def test_question_after_context_keeps_full_cache_answers():
     """Asking after the prefilled context changes nothing with a full cache (the oracle for the
     mode's positions and masks), while pruning then cannot see the question."""

@@ -1,7 +1,7 @@
-"""Facts of the package's shape, read from its source with ``ast`` (issue 33): no import circle
-among csp_inductor's modules, no module over 400 lines, no function over 80, a ``Backend``
-class under 200. Every ``.py`` file under ``csp_inductor/`` counts, ``kernels/`` (the
-``csp_inductor/kernels`` link) included."""
+"""Facts of the package's shape, read from its source with ``ast``: no import circle among
+csp_inductor's modules, no module over 400 lines, no function over 80, a ``Backend`` class
+under 200, an attention function that reads only the forward's step. Every ``.py`` file under
+``csp_inductor/`` counts, ``kernels/`` (the ``csp_inductor/kernels`` link) included."""
 
 import ast
 from pathlib import Path
@@ -114,9 +114,25 @@ def test_backend_class_under_200_lines():
         for node in ast.walk(tree)
         if isinstance(node, ast.ClassDef) and node.name == "Backend"
     ]
+    assert backends, "no class named Backend in the package"
     long = [
         f"{_where(path, node)} Backend: {_size(node)} lines"
         for path, node in backends
         if _size(node) >= MAX_BACKEND_LINES
     ]
     assert not long, f"Backend not under {MAX_BACKEND_LINES} lines:\n" + "\n".join(long)
+
+
+def test_the_attention_reads_only_the_step_and_its_cache():
+    """The attention function and its helpers reach the backend only for the running forward's
+    step (``module.csp_backend.step``), and the rest through it."""
+    path = PACKAGE / "transformers_attention.py"
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    reads = {
+        f"{_where(path, node)}: .csp_backend.{getattr(parents[node], 'attr', '')}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr == "csp_backend"
+    }
+    assert reads and all(read.endswith(".csp_backend.step") for read in reads), sorted(reads)
+    assert "backend" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}

@@ -51,13 +51,13 @@ def generate(model, inputs: dict) -> list[list[int]]:
 def run(model, compiled: bool) -> dict:
     inputs, got = batch(), {"plain": generate(model, batch())}
     for name, policy in (("full", Full()), ("csp", CSP(0.2))):
-        with pruning(model, policy, compiled=False) as backend:
+        with pruning(model, policy, compile=False) as backend:
             got[name] = {"tokens": generate(model, inputs), "nbytes": backend.cache.nbytes()}
     if compiled:
         from torch._dynamo.utils import counters
 
         counters.clear()
-        with pruning(model, CSP(0.2), compiled=True) as backend:
+        with pruning(model, CSP(0.2), compile=True) as backend:
             tokens = generate(model, inputs)
             got["compiled"] = {
                 "tokens": tokens, "graphs": backend.graphs, "fallback": backend.fallback,

@@ -56,7 +56,7 @@ def block_masks(backend: Backend, step: Step, q_len: int) -> dict:
         masks[key] = decode_block_mask(
             cache.lengths, layer.positions, cache.seen, window, layer.spec.q_heads, q_len,
             null_slot=cache.null_slot, chunk=chunk, starts=cache.starts,
-            hidden=step.padding_slots if step.as_turn else None,
+            padding_slots=step.padding_slots if step.as_turn else None,
         )  # fmt: skip
         if not step.as_turn:
             backend.block_masks[(q_len, key)] = masks[key]

@@ -115,7 +115,7 @@ def evaluate_haystack(
     seed: int,
     tasks: tuple[str, ...] = hs.TASKS,
     batch_size: int = 8,
-    compiled: bool = False,
+    compile: bool = False,
     question_after: bool = False,
     mode: str = "standard",
     fill: float = 0.5,
@@ -133,7 +133,7 @@ def evaluate_haystack(
     )  # fmt: skip
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     results = []
-    with pruning(model, Full(), compiled=compiled):  # one backend (and graphs) for all runs
+    with pruning(model, Full(), compile=compile):  # one backend (and graphs) for all runs
         for spec, budget in tqdm(jobs, desc="eval", unit="run", disable=not ranks.main):
             policy = spec.build(budget)
             if conversation:
@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         "--variant",
         choices=("dense", "sparse"),
         default="dense",
-        help=f"visualhaystack: sparse = boards with {hs.SPARSE_FILL:.0%} of cells non-empty",
+        help=f"visualhaystack: sparse = boards with {hs.SPARSE_FILL:.0%}% of cells non-empty",
     )
     p.add_argument("--data-dir", help="milebench: the directory holding the datasets")
     p.add_argument("--datasets", default="", help="milebench: comma-separated dataset names")
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--tasks: unknown {sorted(unknown)}; known: {list(hs.TASKS)}")
         results = evaluate_haystack(
             model, specs, budgets, samples=args.samples, seed=args.seed, tasks=tasks,
-            batch_size=args.batch_size, compiled=args.compile, question_after=args.question_after,
+            batch_size=args.batch_size, compile=args.compile, question_after=args.question_after,
             mode=args.mode, fill=hs.SPARSE_FILL if args.variant == "sparse" else 0.5,
             questions=args.questions, ranks=ALONE if args.tp else ranks,
         )  # fmt: skip

@@ -19,19 +19,19 @@ from csp_inductor.policies import Full, Oracle, Policy
 
 
 @contextlib.contextmanager
-def pruning(model, policy: Policy, *, compiled: bool | None = None):
+def pruning(model, policy: Policy, *, compile: bool | None = None):
     """``model`` pruning with ``policy`` inside the block. A model already compiled by
     csp_inductor keeps its backend (and its compiled graphs: the policy is switched, not
-    recompiled) and gets its previous policy back; otherwise it is compiled (``compiled``;
+    recompiled) and gets its previous policy back; otherwise it is compiled (``compile``;
     None = eager) and restored."""
     backend = getattr(model, "csp_backend", None)
-    if backend is not None and compiled is not None and compiled != backend.compile:
+    if backend is not None and compile is not None and compile != backend.compile:
         raise ValueError(
-            f"the model's backend has compile={backend.compile}, got compiled={compiled}; "
-            "restore(model) first, or pass compiled=None to use the backend as it is"
+            f"the model's backend has compile={backend.compile}, got compile={compile}; "
+            "restore(model) first, or pass compile=None to use the backend as it is"
         )
     if backend is None:
-        compile_model(model, policy, compile=bool(compiled))
+        compile_model(model, policy, compile=bool(compile))
         try:
             yield model.csp_backend
         finally:
@@ -57,7 +57,7 @@ def run_haystack(
     policy: Policy,
     *,
     batch_size: int = 8,
-    compiled: bool | None = None,
+    compile: bool | None = None,
     question_after: bool = False,
     ranks: Ranks = ALONE,
 ) -> RunStats:
@@ -77,7 +77,7 @@ def run_haystack(
     tasks = dict.fromkeys(s.task for s in samples) if question_after else [None]
     groups = [[i for i in order if task in (None, samples[i].task)] for task in tasks]
     chunks = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    with ranks.failing_together(), pruning(model, policy, compiled=compiled) as backend:
+    with ranks.failing_together(), pruning(model, policy, compile=compile) as backend:
         for chunk in ranks.deal(chunks):
             batch = hs.collate([samples[i] for i in chunk])
             if isinstance(policy, Oracle):
@@ -225,12 +225,12 @@ def _converse(model, samples: list[hs.Sample]) -> tuple[list[list[torch.Tensor]]
 
 
 def decode_speed(
-    model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compiled: bool | None = None
+    model, sample: hs.Sample, policy: Policy, *, new_tokens: int = 32, compile: bool | None = None
 ):
     """Decode tokens/s of one prompt: (time of prefill + ``new_tokens``) − (time of prefill + 1),
     each the best of two runs; also returns the cache bytes held."""
     batch = hs.collate([sample])
-    with pruning(model, policy, compiled=compiled) as backend:
+    with pruning(model, policy, compile=compile) as backend:
         times = {}
         for n in (1, new_tokens + 1):
             best = float("inf")
