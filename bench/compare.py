@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             if figure not in runs["base"][0].get(bench, {}):
                 print(f"{bench + ' / ' + figure:<72}{'(not in base)':>33}")
                 continue
-            pairs = [(b[bench][figure], h[bench][figure]) for b, h in zip(*runs.values(), strict=True)]
+            rounds = zip(runs["base"], runs["here"], strict=True)
+            pairs = [(b[bench][figure], h[bench][figure]) for b, h in rounds]
             ratio = statistics.median(h / b for b, h in pairs if b)
             base_m, here_m = (statistics.median(x) for x in zip(*pairs, strict=True))
             print(f"{bench + ' / ' + figure:<72}{base_m:>11.4g}{here_m:>11.4g}{ratio:>11.3f}")
