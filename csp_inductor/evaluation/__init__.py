@@ -2,6 +2,5 @@
 
 ``haystack`` (the VisualHaystack benchmark and the built-in model), ``train`` (its training
 recipe), ``eval`` (the policies × budgets × tasks harness) and ``milebench`` (the MileBench
-adapter). Their old names (``csp_inductor.haystack``, ``python -m csp_inductor.train``, …) are
-aliases of these modules.
+adapter): ``csp_inductor.evaluation.haystack``, ``python -m csp_inductor.evaluation.train``, …
 """
