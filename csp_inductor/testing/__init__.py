@@ -6,8 +6,10 @@
 - :mod:`.generation`: greedy generation, compared;
 - :mod:`.tiny`: tiny models of every supported family, from hand-written configs;
 - :mod:`.families`: tiny models of any family, from transformers' config defaults;
+- :mod:`.long_context`: the long-context LLaVA and image-heavy prompts of the benchmarks.
 
-The library itself never imports this package.
+The library never imports this package; the ``profile`` command line
+(:mod:`csp_inductor.__main__`) uses :mod:`.long_context`'s model.
 """
 
 from .authors import authors_dense_scores, authors_softmax_n
@@ -22,6 +24,7 @@ from .families import (
     tiny_family_model,
 )
 from .generation import assert_same_generation, greedy
+from .long_context import TOKENS_PER_IMAGE, image_heavy_prompt, long_context_llava
 from .prompts import LAYOUTS, RandomPrompt, random_prompt
 from .reference import COVERED, reference_select
 from .tiny import (
@@ -55,6 +58,7 @@ __all__ = [
     "TINY_TEXT",
     "TINY_VISION",
     "TINY_VOCAB",
+    "TOKENS_PER_IMAGE",
     "VIDEO_ID",
     "VISION_END_ID",
     "VISION_START_ID",
@@ -63,7 +67,9 @@ __all__ = [
     "authors_dense_scores",
     "authors_softmax_n",
     "greedy",
+    "image_heavy_prompt",
     "known_model_types",
+    "long_context_llava",
     "placeholder_inputs",
     "random_prompt",
     "reference_select",
