@@ -1,4 +1,5 @@
-"""Greedy generation, compared: the same tokens and logits."""
+"""Greedy generation, compared: the same tokens and logits. :func:`greedy` itself lives in
+:mod:`csp_inductor.check` (the ``check`` command generates with it) and is re-exported here."""
 
 from __future__ import annotations
 
