@@ -1,7 +1,7 @@
 """What conversations and a bounded cache cost: a later turn's latency, and a long generation
 under ``max_cache_tokens``.
 
-The model is :func:`csp_inductor.profiling.long_context_llava` (random weights, fp32,
+The model is :func:`csp_inductor.testing.long_context_llava` (random weights, fp32,
 ``CSP_BENCH_CONV_MODEL``, default ``512,4,8,8``).
 
 ``test_turn``: a prompt of ``CSP_BENCH_CONV_CONTEXT`` tokens (default 8192, image-heavy), one
@@ -29,7 +29,7 @@ from conftest import env_int, record
 from transformers import LogitsProcessorList
 
 import csp_inductor
-from csp_inductor.profiling import image_heavy_prompt, long_context_llava
+from csp_inductor.testing import image_heavy_prompt, long_context_llava
 
 MODEL = tuple(int(x) for x in os.environ.get("CSP_BENCH_CONV_MODEL", "512,4,8,8").split(","))
 CONTEXT = env_int("CSP_BENCH_CONV_CONTEXT", 8192)

@@ -3,9 +3,9 @@ full cache) vs ``csp_inductor.compile(model, CSP(budget))``, and, where NVIDIA k
 installed (``make bench-peers``), unmodified transformers under kvpress's
 ``SnapKVPress(compression_ratio=1 - budget)``.
 
-The model (:func:`csp_inductor.profiling.long_context_llava`): Llama decoder, hidden 1024,
+The model (:func:`csp_inductor.testing.long_context_llava`): Llama decoder, hidden 1024,
 8 layers, 16 query / 4 KV heads, fp32, a tiny CLIP tower; the prompt
-(:func:`csp_inductor.profiling.image_heavy_prompt`): ``CSP_BENCH_CONTEXT`` tokens (default
+(:func:`csp_inductor.testing.image_heavy_prompt`): ``CSP_BENCH_CONTEXT`` tokens (default
 16384), 85% of them image tokens (576 per image) between text runs; ``CSP_BENCH_NEW_TOKENS``
 (default 64) greedy new tokens.
 
@@ -95,7 +95,8 @@ def worker(argv: list[str]) -> dict:
     from transformers import LogitsProcessorList
 
     import csp_inductor
-    from csp_inductor.profiling import image_heavy_prompt, long_context_llava, profiled
+    from csp_inductor.profiling import profiled
+    from csp_inductor.testing import image_heavy_prompt, long_context_llava
 
     hidden, layers, heads, kv_heads = (int(x) for x in args.model.split(","))
     model = long_context_llava(hidden, layers, heads, kv_heads)

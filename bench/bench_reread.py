@@ -1,9 +1,9 @@
 """What question-agnostic scoring costs: the prompt's re-read as a fraction of the prefill.
 
-The model is :func:`csp_inductor.profiling.long_context_llava` (random weights, fp32,
+The model is :func:`csp_inductor.testing.long_context_llava` (random weights, fp32,
 ``CSP_BENCH_REREAD_MODEL``, default ``512,4,8,8``: hidden, layers, heads, KV heads), compiled
 once by ``csp_inductor.compile``; the prompt is image-heavy
-(:func:`csp_inductor.profiling.image_heavy_prompt`), ``CSP_BENCH_REREAD_CONTEXTS`` tokens
+(:func:`csp_inductor.testing.image_heavy_prompt`), ``CSP_BENCH_REREAD_CONTEXTS`` tokens
 (default 2048,4096). Timed: one forward of the prompt into a new cache (the prefill, its
 scoring and compaction, and for the question-agnostic policies the re-read and the pruning of
 the held prompt). Providers, on one backend (its policy switched, not recompiled), alternated
@@ -24,7 +24,7 @@ from conftest import env_int, env_ints, interleaved, record
 
 import csp_inductor
 from csp_inductor import CSP, Full, KVzip
-from csp_inductor.profiling import image_heavy_prompt, long_context_llava
+from csp_inductor.testing import image_heavy_prompt, long_context_llava
 
 MODEL = tuple(int(x) for x in os.environ.get("CSP_BENCH_REREAD_MODEL", "512,4,8,8").split(","))
 CONTEXTS = env_ints("CSP_BENCH_REREAD_CONTEXTS", "2048,4096")

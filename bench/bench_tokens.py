@@ -1,7 +1,7 @@
 """Decode speed per token inside ``generate``, providers interleaved in one process, against the
 machine's memory-bandwidth bound.
 
-The model is :func:`csp_inductor.profiling.long_context_llava` (random weights, fp32) with an
+The model is :func:`csp_inductor.testing.long_context_llava` (random weights, fp32) with an
 image-heavy prompt of ``CSP_BENCH_TOKENS_CONTEXT`` tokens (default 8192). Providers:
 
 - ``full``: unmodified transformers (sdpa) decoding from its full cache;
@@ -44,7 +44,7 @@ from conftest import TokenClock, env_int, env_ints, read_bandwidth, record, step
 from transformers import LogitsProcessorList
 
 import csp_inductor
-from csp_inductor.profiling import image_heavy_prompt, long_context_llava
+from csp_inductor.testing import image_heavy_prompt, long_context_llava
 
 try:
     import kvpress

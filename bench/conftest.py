@@ -111,7 +111,7 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 
 def step_weight_bytes(model) -> int:
-    """What a decode step of :func:`csp_inductor.profiling.long_context_llava` reads of the
+    """What a decode step of :func:`csp_inductor.testing.long_context_llava` reads of the
     weights: the text decoder and the LM head, one row of the embedding table (the vision tower
     is not run)."""
     text = model.model.language_model

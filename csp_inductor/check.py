@@ -24,7 +24,7 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 SERVED, REFUSED, UNUSABLE = 0, 1, 2
 W = 17  # the width of the report's first column
@@ -199,10 +199,20 @@ def prompt(path: str, model: nn.Module, layout, remote: bool) -> tuple[dict, str
     return inputs, made
 
 
+def greedy(model, inputs: dict, new_tokens: int, **options) -> tuple[Tensor, Tensor]:
+    """Greedy ``generate`` (``options``: more of its arguments): the new tokens (batch,
+    new_tokens) and their logits (batch, new_tokens, vocab)."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, **options,
+        )  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
 def run(args) -> int:
     from . import CSP, Full, compile, restore
     from .model_layout import detect, modality
-    from .testing import greedy
 
     started = time.perf_counter()
     model = load(args.model, DTYPES[args.dtype], args.device, args.trust_remote_code)

@@ -71,6 +71,18 @@ def test_select_equals_reference(policy, pads, layout, seq):
         assert (got[b] >= 0).sum(-1).tolist() == [policy.budget_for(seq - pad).kept] * 2
 
 
+@pytest.mark.parametrize(
+    "policy", [csp_inductor.KVzip(), csp_inductor.Oracle(positions=((1, 2),))], ids=repr
+)
+@pytest.mark.parametrize("budget", [0.2, 1.0])
+def test_reference_refuses_a_policy_it_does_not_cover(policy, budget):
+    from dataclasses import replace
+
+    p = random_prompt(1, 4, 2, 64, 16)
+    with pytest.raises(TypeError, match=rf"{type(policy).__name__}; it covers Full, CSP, .*H2O"):
+        reference_select(replace(policy, budget=budget), p.q, p.k, p.is_image)
+
+
 def test_ties_go_to_the_lower_position():
     # zero queries attend uniformly: every key ties, so the earliest ones must win
     seq = 50

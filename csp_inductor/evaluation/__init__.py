@@ -4,6 +4,6 @@
 recipe), ``eval`` (the policies × budgets × tasks harness) and ``milebench`` (the MileBench
 adapter), each with the parts it is made of beside it (``boards``, ``tasks``, ``batching``,
 ``builtin_model``; ``train_losses``; ``harness``, ``tables``; ``milebench_metrics``) and
-reachable through it as before. Their old names (``csp_inductor.haystack``,
-``python -m csp_inductor.train``, …) are aliases of these modules.
+reachable through it: ``csp_inductor.evaluation.haystack``,
+``python -m csp_inductor.evaluation.train``, …
 """

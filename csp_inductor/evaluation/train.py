@@ -1,6 +1,6 @@
 """Train the built-in tiny LLaVA on VisualHaystack, from scratch, on CPU.
 
-    python -m csp_inductor.train --out csp_inductor/assets/tiny_llava
+    python -m csp_inductor.evaluation.train --out csp_inductor/assets/tiny_llava
 
 Seeded and resumable: the batch of step ``s`` is a pure function of ``(--seed, s)`` and the
 curriculum frontier, and the model/optimizer/curriculum state is checkpointed to

@@ -49,7 +49,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..budget import Budget, split_count
 from ..compile import _attn_implementations
 from ..integration import detect, modality, self_attention
-from ..policies import CSP, Prompt, ScoredPolicy, _check_range, _real
+from ..policies import CSP, Prompt, ScoredPolicy
+from ..policies.base import _check_range, _real
 from ..scoring import decomposed_scores
 
 # kvpress presses whose scores read keys and values only: the ones that stay right on models

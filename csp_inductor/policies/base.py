@@ -1,4 +1,5 @@
-"""What to keep: CSP and the baselines, as frozen dataclasses behind one ``select`` interface.
+"""The policy interface: :class:`Policy` (validation, per-sequence budgets, the keep-all path,
+rows padded anywhere), :class:`Prompt`, :class:`ScoredPolicy` and :class:`Full`.
 
 ``policy.select(q, k, is_image, key_padding=None, *, scale=None)`` takes one layer's prompt
 queries and keys and returns the kept prompt positions per KV head::
@@ -16,17 +17,16 @@ Each sequence gets its own budget from its own unpadded length. A baseline only 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import selection
-from .budget import Budget, split_budget
-from .labels import SCORING, label
-from .scoring import decomposed_scores
+from .. import selection
+from ..budget import Budget, split_budget
+from ..labels import SCORING, label
+from ..scoring import decomposed_scores
 
 SCORINGS = ("window", "reconstruct")
 # the recent tokens a question-agnostic policy keeps by default (a fraction of the prompt): it
@@ -283,130 +283,6 @@ class Full(Policy):
         )
 
 
-@dataclass(frozen=True)
-class CSP(Policy):
-    """Cross-Self Pruning (CSP_SPEC.md).
-
-    Args:
-        budget: kept fraction of the prompt, in (0, 1].
-        window_ratio: scoring window and always-kept recent tokens, as a fraction of the
-            prompt, in (0, budget]; default 0.1, or ``REREAD_WINDOW`` (recent tokens only)
-            with ``scoring="reconstruct"``.
-        cross_ratio: share of the score-ranked tokens chosen by the cross-modality score.
-        n: the n-softmax parameter used for ranking (0 = ordinary softmax).
-        sink_tokens: first real tokens always kept, taken out of the self quota.
-        faithful: reproduce the authors' selection quirks (duplicates, cross_ratio <= 0
-            meaning quotas (1, 308)).
-        recent_bias: the authors' ``kv_recent_bias``: recent kept = int(W * recent_bias).
-        scoring: ``"window"`` (the paper: the prompt's last queries score it, so the question,
-            at the prompt's end, steers what is kept) or ``"reconstruct"`` (question-agnostic:
-            the queries of a re-reading of the prompt score it, :class:`Reconstruction`; a
-            conversation turn is still scored by its window).
-    """
-
-    name: ClassVar[str] = "csp"
-    budget: float = 0.2
-    window_ratio: float | None = None
-    cross_ratio: float = 0.5
-    n: float = 1.0
-    sink_tokens: int = 0
-    faithful: bool = False
-    recent_bias: float = 1.0
-    scoring: str = "window"
-
-    def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got scoring={self.scoring!r}")
-        if self.window_ratio is None:
-            default = 0.1 if self.scoring == "window" else REREAD_WINDOW
-            object.__setattr__(self, "window_ratio", default)
-        _check_range("budget", self.budget, 0.0, 1.0, lo_open=True)
-        _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
-        _check_range("cross_ratio", self.cross_ratio, 0.0, 1.0)
-        _check_range("recent_bias", self.recent_bias, 0.0, 1.0)
-        if not (_real(self.n) and self.n >= 0):
-            raise ValueError(f"n must be a finite number >= 0, got n={self.n!r}")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(
-                f"sink_tokens must be an int >= 0, got sink_tokens={self.sink_tokens!r}"
-            )
-        if self.faithful and self.sink_tokens:
-            raise ValueError(
-                f"faithful=True reproduces the authors' code, which has no sink tokens; "
-                f"got sink_tokens={self.sink_tokens}"
-            )
-
-    @classmethod
-    def from_authors(
-        cls,
-        hh_ratio: float = 0.1,
-        recent_ratio: float = 0.1,
-        cross_ratio: float = 0.5,
-        kv_recent_bias: float = 1.0,
-        n: float = 1.0,
-        faithful: bool = True,
-    ) -> CSP:
-        """The authors' parametrisation (``hh_ratio + recent_ratio`` is our budget)."""
-        return cls(
-            budget=round(hh_ratio + recent_ratio, 12),
-            window_ratio=recent_ratio,
-            cross_ratio=cross_ratio,
-            n=n,
-            faithful=faithful,
-            recent_bias=kv_recent_bias,
-        )
-
-    def budget_for(self, length: int) -> Budget:
-        return split_budget(
-            length, self.budget, self.window_ratio, self.cross_ratio, self.recent_bias,
-            self.faithful,
-        )  # fmt: skip
-
-    def quotas(self, prompt: Prompt) -> list[tuple[int, int]]:
-        """(k_self, k_cross) per sequence; a sequence without image tokens puts its whole
-        score-ranked budget on the (text-only) self score, and says so."""
-        out = []
-        has_image = (prompt.is_image & ~_pad(prompt)).any(dim=1).tolist()
-        for bud, img in zip(prompt.budgets, has_image, strict=True):
-            if img or self.faithful or bud.keep_all:
-                out.append((bud.k_self, bud.k_cross))
-            else:
-                warnings.warn(
-                    "CSP: a prompt has no image tokens; scoring is text-only (the cross "
-                    "quota goes to the self score)",
-                    stacklevel=4,
-                )
-                out.append((bud.k_self + bud.k_cross, 0))
-        return out
-
-    @property
-    def window_n(self) -> float:
-        return self.n
-
-    @property
-    def reconstruction(self) -> Reconstruction | None:
-        return Reconstruction() if self.scoring == "reconstruct" else None
-
-    def _select(self, prompt: Prompt) -> Tensor:
-        s_self, s_cross = _window_scores(prompt, self.window_n).unbind(dim=2)
-        dev, seq, heads = prompt.k.device, prompt.seq, prompt.k.shape[1]
-        quotas = self.quotas(prompt)
-        k_self = selection.counts([q[0] for q in quotas], dev)
-        k_cross = selection.counts([q[1] for q in quotas], dev)
-        pool = prompt.pool()
-        if self.faithful:
-            chosen_self = selection.top(s_self, k_self, pool)
-            chosen_cross = selection.top(s_cross, k_cross, pool)
-            return selection.merge([chosen_self, chosen_cross, prompt.recent()], seq)
-        n_sink = selection.counts([min(self.sink_tokens, q[0]) for q in quotas], dev)
-        sinks = selection.span(selection.counts(prompt.pads, dev), n_sink, heads)
-        pool = pool & ~selection.as_mask(sinks[:, :1], seq)
-        chosen_self = selection.top(s_self, k_self - n_sink, pool)
-        pool = pool & ~selection.as_mask(chosen_self, seq)
-        chosen_cross = selection.top(s_cross, k_cross, pool)
-        return selection.merge([sinks, chosen_self, chosen_cross, prompt.recent()], seq)
-
-
 def _packing(key_padding: Tensor | None) -> Tensor | None:
     """(batch, seq) long: each row's order with its padding moved first and its real tokens
     after it, in their order (a stable sort); None when every row is left-padded already.
@@ -422,12 +298,6 @@ def _permute(x: Tensor, order: Tensor, dim: int) -> Tensor:
     shape = [x.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = x.shape[dim]
     return x.gather(dim, order.view(shape).expand(x.shape))
-
-
-def _pad(prompt: Prompt) -> Tensor:
-    if prompt.key_padding is None:
-        return torch.zeros_like(prompt.is_image)
-    return prompt.key_padding
 
 
 @dataclass(frozen=True)
@@ -467,191 +337,3 @@ def _window_scores(prompt: Prompt, n: float) -> Tensor:
             q_window, prompt.k, prompt.is_image, n=n, scale=prompt.scale,
             key_padding=prompt.key_padding, window_mask=window_mask,
         )  # fmt: skip
-
-
-def _column_sums(prompt: Prompt, q: Tensor) -> Tensor:
-    """Σ over the given queries of softmax attention per key: (batch, kv_heads, seq)."""
-    scores = decomposed_scores(
-        q, prompt.k, prompt.is_image, n=0.0, scale=prompt.scale, key_padding=prompt.key_padding
-    )
-    return scores.sum(dim=2)
-
-
-@dataclass(frozen=True)
-class H2O(ScoredPolicy):
-    """Heavy hitters: attention received from all prompt queries (an O(L²) score, chunked)."""
-
-    name: ClassVar[str] = "h2o"
-    scores_every_query: ClassVar[bool] = True
-
-    def score(self, prompt: Prompt) -> Tensor:
-        return _column_sums(prompt, prompt.q)
-
-
-@dataclass(frozen=True)
-class SnapKV(ScoredPolicy):
-    """Attention from the window queries, average-pooled over ``kernel_size`` positions."""
-
-    name: ClassVar[str] = "snapkv"
-    kernel_size: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if (
-            not isinstance(self.kernel_size, int)
-            or self.kernel_size < 1
-            or self.kernel_size % 2 == 0
-        ):
-            raise ValueError(
-                f"kernel_size must be an odd int >= 1, got kernel_size={self.kernel_size!r}"
-            )
-
-    @property
-    def window_n(self) -> float:
-        return 0.0
-
-    def score(self, prompt: Prompt) -> Tensor:
-        sums = _window_scores(prompt, self.window_n).sum(dim=2)
-        # Zero the window columns first so that pooling near each sequence's own window edge
-        # sees zero padding, as pooling over [0, seq - W) alone would.
-        sums = sums.masked_fill(~prompt.pool(), 0.0)
-        flat = sums.reshape(-1, 1, prompt.seq)
-        pooled = torch.nn.functional.avg_pool1d(
-            flat, self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=True
-        )
-        return pooled.view_as(sums)
-
-
-@dataclass(frozen=True)
-class LookM(H2O):
-    """LOOK-M's text prior: H2O scores, with every text key ranked before any image key."""
-
-    name: ClassVar[str] = "lookm"
-
-    def _select(self, prompt: Prompt) -> Tensor:
-        score, pool = self.score(prompt), prompt.pool()
-        text_pool = pool & ~prompt.is_image[:, None]
-        n_text = text_pool.sum(dim=-1, keepdim=True)
-        quota = selection.counts([b.k for b in prompt.budgets], prompt.k.device)
-        text = selection.top(score, torch.minimum(quota, n_text), text_pool)
-        image = selection.top(
-            score, quota - torch.minimum(quota, n_text), pool & prompt.is_image[:, None]
-        )
-        return selection.merge([text, image, prompt.recent()], prompt.seq)
-
-
-@dataclass(frozen=True)
-class StreamingLLM(ScoredPolicy):
-    """The first ``sink_tokens`` real tokens plus the most recent ones, same total count."""
-
-    name: ClassVar[str] = "streamingllm"
-    sink_tokens: int = 4
-
-    def budget_for(self, length: int) -> Budget:
-        base = super().budget_for(length)
-        total = base.k + base.recent
-        sinks = min(self.sink_tokens, total)
-        return Budget(length, sinks, base.window, total - sinks, sinks, sinks, 0, base.keep_all)
-
-    def score(self, prompt: Prompt) -> Tensor:
-        pos = torch.arange(prompt.seq, 0, -1, device=prompt.k.device, dtype=torch.float32)
-        return pos.expand(prompt.k.shape[0], prompt.k.shape[1], -1)
-
-
-@dataclass(frozen=True)
-class RandomKeep(ScoredPolicy):
-    """Uniformly random tokens (seeded) plus the recent window: a control."""
-
-    name: ClassVar[str] = "random"
-    seed: int = 0
-
-    def score(self, prompt: Prompt) -> Tensor:
-        gen = torch.Generator(device=prompt.k.device).manual_seed(self.seed)
-        b, h, seq, _ = prompt.k.shape
-        return torch.rand(b, h, seq, generator=gen, device=prompt.k.device)
-
-
-@dataclass(frozen=True)
-class KNorm(ScoredPolicy):
-    """Keys with the smallest L2 norm (score = -||k_j||): a cheap, attention-free control."""
-
-    name: ClassVar[str] = "knorm"
-
-    def score(self, prompt: Prompt) -> Tensor:
-        return -prompt.k.float().norm(dim=-1)
-
-
-@dataclass(frozen=True)
-class KVzip(ScoredPolicy):
-    """KVzip (Kim et al., NeurIPS 2025): question-agnostic, each prompt token scored by the
-    most attention any query of a re-reading of the prompt gives it (:class:`Reconstruction`,
-    ordinary softmax, no modality split). Ours keeps the same count in every KV head, as the
-    other policies do (the paper also ranks heads jointly). Where no re-reading runs (a
-    conversation turn) it ranks by the window's attention, the same way. Having no question
-    to read, it keeps few recent tokens by default (``window_ratio``)."""
-
-    name: ClassVar[str] = "kvzip"
-    window_ratio: float = REREAD_WINDOW
-
-    @property
-    def window_n(self) -> float:
-        return 0.0
-
-    @property
-    def reconstruction(self) -> Reconstruction:
-        return Reconstruction()
-
-    def score(self, prompt: Prompt) -> Tensor:
-        scores = _window_scores(prompt, self.window_n)
-        if prompt.window_scores is None:  # window columns: the most any window query gave
-            return scores.sum(dim=2)
-        return scores.amax(dim=2)
-
-
-@dataclass(frozen=True)
-class Oracle(ScoredPolicy):
-    """An upper bound for benchmarks: keeps given prompt positions first (``positions[b]``,
-    counted from row ``b``'s first real token: the evidence of every question to be asked),
-    then the most recent tokens, within the same budget as every policy."""
-
-    name: ClassVar[str] = "oracle"
-    positions: tuple[tuple[int, ...], ...] = ()
-
-    def score(self, prompt: Prompt) -> Tensor:
-        b, heads, seq = prompt.k.shape[0], prompt.k.shape[1], prompt.seq
-        if len(self.positions) != b:
-            raise ValueError(
-                f"Oracle needs the positions to keep for each of the batch's {b} rows, got "
-                f"positions for {len(self.positions)}"
-            )
-        recency = torch.arange(1, seq + 1, device=prompt.k.device, dtype=torch.float32) / seq
-        score = recency.expand(b, seq).clone()
-        for row, (pad, keep) in enumerate(zip(prompt.pads, self.positions, strict=True)):
-            real = seq - pad
-            if any(not 0 <= p < real for p in keep):
-                raise ValueError(
-                    f"Oracle positions of row {row} must be in [0, {real}) (its real tokens), "
-                    f"got {sorted(keep)}"
-                )
-            score[row, [pad + p for p in keep]] += 1.0
-        return score[:, None].expand(-1, heads, -1)
-
-
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls
-    for cls in (Full, CSP, H2O, SnapKV, StreamingLLM, LookM, RandomKeep, KNorm, KVzip, Oracle)
-}
-
-
-def make_policy(name: str, **options: object) -> Policy:
-    """A policy by its short name (``"csp"``, ``"snapkv"``, …) with dataclass options."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known policies: {sorted(POLICIES)}")
-    cls = POLICIES[name]
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(options) - allowed
-    if unknown:
-        raise ValueError(
-            f"policy {name!r} has no option(s) {sorted(unknown)}; its options: {sorted(allowed)}"
-        )
-    return cls(**options)
