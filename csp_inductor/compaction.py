@@ -90,21 +90,28 @@ def compact(
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
-    query (b, hq, L, d), key/value (b, hkv, L, d) -> keys_out/values_out[:, :, :K]
-    (b, hkv, capacity, d) and positions_out[:, :, :K] (absolute positions, -1 = unused).
-    ``lengths`` (b,) is what the cache was allocated for; a different count is an error.
-    ``policy`` () long: the index of the policy (:func:`register_policy`). ``score_key``
-    (b, hkv, L, d'): the keys the policy scores ``query`` against when they are not the stored
-    ones (an MLA layer stores its latent and scores with it joined to its rotary key). ``lse``
-    (b, hq, L) fp32: the log-sum-exp of the prompt's causal attention rows, when the attention
-    kernel returned it; a window scorer then does not recompute it. A conversation turn is
-    written after the kept prefix: from slot ``start[b]`` (b,) on, at absolute positions
-    ``offset + idx`` (``offset`` () long, the tokens before the turn). ``images_out``
-    (b, hkv, capacity) bool, a bounded cache's: the stored tokens' modality (False past them).
-    ``scores`` (b, hkv, L): what a policy that needs the layer's inputs ranks by
-    (:attr:`Policy.needs_layer_inputs`), computed by the caller. ``window_scores``
-    (b, hkv, 2, L) fp32: what :func:`window_prefill` computed for the same policy, read when
-    the policy scores this prompt's window.
+    - ``query`` (b, hq, L, d), ``key``/``value`` (b, hkv, L, d): the prompt's (or a turn's);
+      ``is_image`` (b, L) bool its visual tokens, ``key_padding`` (b, L) bool its padding (None:
+      none);
+    - ``keys_out``/``values_out`` (b, hkv, capacity, d) and ``positions_out`` (b, hkv,
+      capacity): the cache's buffers; the kept tokens go to their first K slots, with their
+      absolute positions (-1 = unused);
+    - ``lengths`` (b,): what the cache was allocated for; a different count is an error;
+    - ``policy`` () long: the policy's index (:mod:`csp_inductor.policy_table`);
+    - ``score_key`` (b, hkv, L, d'): the keys the policy scores ``query`` against when they are
+      not the stored ones (an MLA layer stores its latent and scores with it joined to its
+      rotary key);
+    - ``lse`` (b, hq, L) fp32: the log-sum-exp of the prompt's causal attention rows, when the
+      attention kernel returned it; a window scorer then does not recompute it;
+    - ``start`` (b,) and ``offset`` () long: a conversation turn is written after the kept
+      prefix, from slot ``start[b]`` on, at absolute positions ``offset + idx`` (``offset``:
+      the tokens before the turn);
+    - ``images_out`` (b, hkv, capacity) bool, a bounded or re-read cache's: the stored tokens'
+      modality (False past them);
+    - ``scores`` (b, hkv, L): what a policy that needs the layer's inputs ranks by
+      (:attr:`Policy.needs_layer_inputs`), computed by the caller;
+    - ``window_scores`` (b, hkv, 2, L) fp32: what :func:`window_prefill` computed for the same
+      policy, read when the policy scores this prompt's window.
     """
     chosen = policy_at(policy)
     scored = key if score_key is None else score_key

@@ -24,7 +24,6 @@ PREFILL = "prefill"  # a prompt (into an empty cache), or tokens without a cache
 TURN = "turn"  # a later turn of a conversation: attends to the kept prefix, then is pruned
 DECODE = "decode"  # new tokens appended to the cache (generated ones)
 REREAD = "reread"  # a chunk of the prompt re-read to score it, never kept
-PHASES = (PREFILL, TURN, DECODE, REREAD)
 
 
 class Reread(NamedTuple):
