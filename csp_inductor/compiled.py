@@ -31,12 +31,12 @@ class Compiled:
     larger ``accumulated_recompile_limit`` stays process-wide). Dynamo guards on the thread
     count and on the inputs' autograd state too: one graph for each combination a process uses.
 
-    ``fn`` itself runs under a dispatch mode (which Dynamo does not trace), and for every call
-    after a compiler failure (a recompile limit reached, an error in Dynamo or Inductor): that
-    call runs ``fn`` first, so that an error of ``fn``'s own surfaces as without compilation,
-    then records ``failure`` and warns once, naming ``what`` and ending with ``then``.
+    ``fn`` itself runs for every call after a compiler failure (a recompile limit reached, an
+    error in Dynamo or Inductor): that call runs ``fn`` first, so that an error of ``fn``'s own
+    surfaces as without compilation, then records ``failure`` and warns once, naming ``what``
+    and ending with ``then``.
     ``graphs`` counts the graphs compiled so far; ``compiled`` is the compiled function, made
-    at the first call (importing needs no compiler).
+    at the first call (importing needs no compiler) or by :meth:`make`.
     """
 
     then = "it runs eagerly from now on, with the same results up to rounding."
@@ -66,15 +66,8 @@ class Compiled:
         """The compiled function on ``args``/``kwargs``, or ``eager()`` (the same call as the
         caller makes it without compilation) where it cannot run."""
         if self.compiled is None and self.failure is None:
-            name = f"csp_{getattr(self.fn, '__name__', 'fn')}_{id(self):x}"
-            try:
-                self.compiled = torch.compile(
-                    own_code(self.fn, name), backend=self._inductor, fullgraph=True,
-                    dynamic=self.dynamic,
-                )  # fmt: skip
-            except RuntimeError as error:  # Dynamo does not run on this Python
-                self._fail(error)
-        if self.failure is not None or _get_current_dispatch_mode() is not None:
+            self.make()
+        if self.failure is not None:
             return eager()
         try:
             # No duck sizing: two dims of equal size (a prompt as long as the hidden size, say)
@@ -86,6 +79,18 @@ class Compiled:
             self._fail(error)
             return out
 
+    def make(self) -> None:
+        """Make ``compiled`` (Dynamo compiles at its first call); the first call makes it, a
+        subclass made with the model may make it at once."""
+        name = f"csp_{getattr(self.fn, '__name__', 'fn')}_{id(self):x}"
+        try:
+            self.compiled = torch.compile(
+                own_code(self.fn, name), backend=self._inductor, fullgraph=True,
+                dynamic=self.dynamic,
+            )  # fmt: skip
+        except RuntimeError as error:  # Dynamo does not run on this Python
+            self._fail(error)
+
     def _fail(self, error: Exception) -> None:
         message = (str(error).splitlines() or [""])[0][:300]
         self.failure = f"{type(error).__name__}: {message}"
@@ -94,6 +99,16 @@ class Compiled:
             RuntimeWarning,
             stacklevel=4,
         )
+
+
+class Fused(Compiled):
+    """An element-wise chain of the CPU paths, compiled; ``fn`` itself also runs under a
+    dispatch mode (a FLOP counter, say), which Dynamo does not trace."""
+
+    def __call__(self, *args):
+        if _get_current_dispatch_mode() is not None:
+            return self.fn(*args)
+        return super().__call__(*args)
 
 
 def own_code(fn, name: str):

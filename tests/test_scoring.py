@@ -184,12 +184,12 @@ def test_fused_exponentials_match_the_eager_ops():
 
 
 def test_a_fused_kernel_the_compiler_fails_on_runs_eagerly_with_one_warning(monkeypatch):
-    from csp_inductor.compiled import Compiled
+    from csp_inductor.compiled import Fused
 
     def fail(*args):
         raise torch._dynamo.exc.TorchDynamoException("no compiler here")
 
-    fused = Compiled(torch.Tensor.exp_, "a test chain")
+    fused = Fused(torch.Tensor.exp_, "a test chain")
     monkeypatch.setattr(fused, "compiled", fail)
     x = torch.randn(5)
     with pytest.warns(RuntimeWarning, match="torch.compile failed on a test chain"):
@@ -205,12 +205,12 @@ def test_a_fused_kernel_runs_eagerly_under_a_dispatch_mode():
     as it is, and compiles once the mode is gone."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from csp_inductor.compiled import Compiled
+    from csp_inductor.compiled import Fused
 
     def double_(x):
         x.mul_(2)
 
-    fused = Compiled(double_, "a test chain")
+    fused = Fused(double_, "a test chain")
     x = torch.ones(6, 3)
     with FlopCounterMode(display=False):
         fused(x)

@@ -118,7 +118,7 @@ def test_multi_token_steps_and_cache_growth_on_cuda():
 
 
 def test_compiled_generate_on_cuda_traces_whole_graphs(monkeypatch):
-    compiled = sys.modules["csp_inductor.compile"].CompiledForward
+    compiled = sys.modules["csp_inductor.backend.compiled_forward"].CompiledForward
 
     def aot_eager(self, graph, example_inputs):
         self.graphs += 1

@@ -47,6 +47,7 @@ class CompiledForward(Compiled):
         self.keep_mask = keep_mask  # the 2D mask is passed (recurrent layers read it)
         self.eager_next = False  # the next call runs eagerly (set by the backend)
         self.signature = inspect.signature(forward)
+        self.make()
 
     def inductor_options(self):
         # bf16/fp16 intermediates rounded where eager rounds them (Inductor would keep fused

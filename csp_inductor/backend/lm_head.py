@@ -38,6 +38,7 @@ class CompiledHead(Compiled):
         super().__init__(_head_reduction, "the LM head")
         self.head = head
         self.eager = head.forward
+        self.make()
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear.forward's name)
         weight = self.head.weight
