@@ -23,8 +23,10 @@ def test_a_backend_given_new_policies_keeps_one_slot_freed_with_it():
     del model, backend
     gc.collect()
     assert policy_table.policy_at(index) is None
+    free = set(policy_table._FREE)
+    assert index in free
     again = csp_inductor.compile(tiny_model("llava"), CSP(0.3), compile=False)
-    assert int(again.csp_backend.policy_index) == index  # the freed slot, reused
+    assert int(again.csp_backend.policy_index) in free  # a freed slot, reused
     assert len(policy_table._POLICIES) == size
 
 
