@@ -65,7 +65,7 @@ def install(backend: Backend) -> contextlib.ExitStack:
     model, decoder, undo = backend.model, backend.decoder, contextlib.ExitStack()
     AttentionInterface.register(ATTN_NAME, csp_attention)
     AttentionMaskInterface.register(ATTN_NAME, model_mask)
-    previous = _attn_implementations(model)
+    previous = attn_implementations(model)
     model.set_attn_implementation(backend.layout.attn_target)
     undo.callback(model.set_attn_implementation, previous)
     for attn in backend.attention_modules("attention", "shared").values():  # ours to serve
@@ -171,7 +171,8 @@ def _no_cache_implementation(model: nn.Module, kwargs: dict):
         default.cache_implementation = saved
 
 
-def _attn_implementations(model: nn.Module) -> dict | str:
+def attn_implementations(model: nn.Module) -> dict | str:
+    """The attention implementation of the model's config and of each of its sub-configs."""
     config = model.config
     subs = getattr(config, "sub_configs", {}) or {}
     if not subs:

@@ -46,9 +46,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..backend.install import attn_implementations
 from ..budget import Budget, split_count
-from ..compile import _attn_implementations
-from ..integration import detect, modality, self_attention
+from ..model_layout import detect, modality, self_attention
 from ..policies import CSP, Prompt, ScoredPolicy
 from ..policies.base import _check_range, _real
 from ..scoring import decomposed_scores
@@ -152,7 +152,7 @@ class CSPPress(ScorerPress):
             module.csp_window = (query[:, :, length - width :].clone(), scale)
         return forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
-    def _modality(self, family, module, args, kwargs) -> None:
+    def _modality(self, layout, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.all()):
@@ -160,9 +160,9 @@ class CSPPress(ScorerPress):
                 "CSPPress cannot prune padded prompts: kvpress keeps one count for every row; "
                 "send rows of equal length (or one at a time)"
             )
-        is_image = modality(family, ids, kwargs.get("mm_token_type_ids"))
+        is_image = modality(layout, ids, kwargs.get("mm_token_type_ids"))
         if is_image is None:
-            if family.multimodal:
+            if layout.multimodal:
                 raise ValueError(
                     "CSPPress needs input_ids (or mm_token_type_ids) to know which prompt "
                     "tokens are visual; got inputs_embeds only"
@@ -178,19 +178,19 @@ class CSPPress(ScorerPress):
                 "CSPPress prunes a plain transformers model; this one runs csp_inductor's backend "
                 "already (csp_inductor.restore(model) first, or use its CSP policy)"
             )
-        family = detect(model, "")
-        previous = _attn_implementations(model)
-        own = family.decoder.config._attn_implementation or "eager"
+        layout = detect(model, "")
+        previous = attn_implementations(model)
+        own = layout.decoder.config._attn_implementation or "eager"
         if own.startswith("csp_press_"):
             raise RuntimeError("CSPPress contexts do not nest: this model is under one already")
         name = f"csp_press_{own}"
         AttentionInterface.register(name, _capture)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])
-        target = family.attn_target
+        target = layout.attn_target
         target = {k: name for k in target} if isinstance(target, dict) else name
         undo, hook = [], None
         try:
-            for layer, kind in zip(family.decoder.layers, family.layer_types, strict=True):
+            for layer, kind in zip(layout.decoder.layers, layout.layer_types, strict=True):
                 attn = self_attention(layer)
                 if kind != "attention" or attn is None:
                     continue
@@ -202,7 +202,7 @@ class CSPPress(ScorerPress):
                 undo.append(attn)
             inputs_of = getattr(model, "model", model)
             hook = inputs_of.register_forward_pre_hook(
-                lambda module, args, kwargs: self._modality(family, module, args, kwargs),
+                lambda module, args, kwargs: self._modality(layout, module, args, kwargs),
                 with_kwargs=True,
             )
             model.set_attn_implementation(target)
