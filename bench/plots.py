@@ -169,6 +169,37 @@ def plot_bounded(benches: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_stream(benches: list[dict], out: Path) -> None:
+    """Peak memory and prefill time per prompt token against the prompt's length: the stream
+    (hard cap) and the whole-prompt providers as far as they ran (one figure)."""
+    import matplotlib.pyplot as plt
+
+    runs = [b["extra_info"] for b in benches if b["extra_info"].get("provider") == "stream"]
+    if not runs:
+        return
+    info = runs[-1]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for name, by_context in info["providers"].items():
+        contexts = sorted(int(c) for c in by_context)
+        rows = [by_context[str(c)] for c in contexts]
+        top.plot(contexts, [r["peak_growth"] / 2**20 for r in rows], marker="o", label=name)
+        bottom.plot(contexts, [r["ms_per_token"] for r in rows], marker="o", label=name)
+    top.set_ylabel("prefill's peak RSS growth (MiB)")
+    bottom.set_ylabel("prefill ms per prompt token")
+    bottom.set_xlabel("prompt tokens")
+    bottom.set_xscale("log", base=2)
+    shapes = info["shapes"]
+    top.set_title(
+        f"CSP {shapes['budget']}: streamed (cap {shapes['bound']}, chunk {shapes['chunk']}) "
+        "vs whole prompts",
+        fontsize=10,
+    )
+    top.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def table(results: Path) -> str:
     lines = []
     dec = decode_rows(_load(results / "decode.json"))
@@ -227,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if sc:
         plot_scoring(sc, args.results / "scoring.png")
     plot_bounded(_load(args.results / "conversation.json"), args.results / "bounded_cache.png")
+    plot_stream(_load(args.results / "stream.json"), args.results / "stream.png")
     print(table(args.results))
     return 0
 

@@ -177,16 +177,21 @@ class PrunedCache(Cache):
         window: int = 0,
     ):
         super().__init__(layers=[])
+        self.specs = specs
         self.bound = bound  # max_cache_tokens: the fixed capacity, re-pruned when full
         self.window = window  # recent queries kept for a re-prune (0: none)
+        self.align = align  # capacity rounded up to a multiple of this
+        self.null_slot = null_slot  # the last slot stays K = V = 0 (decode-time n-softmax)
+        self.decode_capacity = int(decode_capacity)
+        self.forget()
+
+    def forget(self) -> None:
+        """Hold nothing, as a new cache (a streamed prompt whose chunk raised)."""
         self.ring_positions: Tensor | None = None  # (batch, window) their positions, -1 none
         self.ring_images: Tensor | None = None  # (batch, window) their modality
         self.reprunes = 0
-        self.align = align  # capacity rounded up to a multiple of this
-        self.null_slot = null_slot  # the last slot stays K = V = 0 (decode-time n-softmax)
-        self.layers = [_layer(self, i, spec) for i, spec in enumerate(specs)]
+        self.layers = [_layer(self, i, spec) for i, spec in enumerate(self.specs)]
         self.pruned = [layer for layer in self.layers if isinstance(layer, PrunedLayer)]
-        self.decode_capacity = int(decode_capacity)
         self.phase = "empty"
         self.lengths: Tensor | None = None  # (batch,) valid slots per row
         self.starts: Tensor | None = None  # (batch,) left padding per row (chunked attention)
@@ -208,12 +213,14 @@ class PrunedCache(Cache):
         padding: list[int] | None = None,
         tokens: int | None = None,
         reread: int = 0,
+        modality: bool = False,
     ) -> None:
         """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room;
         ``starts`` (batch,) the rows' left padding (None: none), ``padding`` the rows'
         padding tokens (None: none), ``tokens`` the prompt's length (None: as kept).
         ``reread`` > 0: the prompt is kept whole, then re-read ``reread`` tokens at a time
-        and pruned (:meth:`finish_reread`); the slots' modality is stored for it."""
+        and pruned (:meth:`finish_reread`); the slots' modality is stored for it (and with
+        ``modality``: a streamed prompt whose later chunks are re-read)."""
         if self.phase != "empty":
             raise RuntimeError(
                 "this PrunedCache already holds a prompt; create a new cache per prompt"
@@ -225,7 +232,7 @@ class PrunedCache(Cache):
             )
         room = self.decode_capacity if self.bound is None else self.bound - max(kept)
         capacity = self._capacity(max(kept) + max(room, reread))
-        images = self.bound is not None or reread > 0
+        images = modality or self.bound is not None or reread > 0
         for layer in self.pruned:
             layer.allocate(len(kept), capacity, dtype, device, images, self.window)
         if self.window:
@@ -248,20 +255,36 @@ class PrunedCache(Cache):
     def finish_reread(self, kept: list[int]) -> None:
         """After a re-read prompt was pruned in place to ``kept[b]`` tokens per row: record
         them and give the buffers back, down to the kept tokens and the decode room."""
+        self.turns[0] = (self.turns[0][0], list(kept))
+        self.pruned_to(kept)
+        self.fit(self.decode_capacity)
+
+    def pruned_to(self, kept: list[int]) -> None:
+        """After the held tokens were pruned in place to ``kept[b]`` per row: record them, and
+        clear the slots after them."""
         self.lengths.copy_(torch.tensor(kept, dtype=torch.long))
         self.rows = list(kept)
-        self.turns[0] = (self.turns[0][0], list(kept))
-        capacity = self._capacity(max(kept) + self.decode_capacity)
+        capacity = self.pruned[0].keys.shape[2]
         free = torch.arange(capacity, device=self.lengths.device) >= self.lengths[:, None, None]
         for layer in self.pruned:
-            for name in ("keys", "values", "positions", "images"):
-                setattr(layer, name, getattr(layer, name)[:, :, :capacity].clone())
             layer.positions.masked_fill_(free, -1)
             for buffer in (layer.keys, layer.values):  # the null slot among them: K = V = 0
                 buffer.masked_fill_(free[..., None], 0)
-            layer.mark_static()
         self._mark_null_slot()
         self.phase = "decode"
+
+    def fit(self, room: int) -> None:
+        """Give the buffers back down to the longest row and ``room`` more slots (no-op when
+        they are no longer than that)."""
+        capacity = self._capacity(self.longest + room)
+        if capacity >= self.pruned[0].keys.shape[2]:
+            return
+        for layer in self.pruned:
+            for name in ("keys", "values", "positions", "images"):
+                if getattr(layer, name) is not None:
+                    setattr(layer, name, getattr(layer, name)[:, :, :capacity].clone())
+            layer.mark_static()
+        self._mark_null_slot()
 
     def start_turn(self, tokens: int, kept: list[int], padding: list[int], room: int = 0) -> None:
         """Before a turn of ``tokens`` new tokens (``padding[b]`` of them padding in row ``b``)

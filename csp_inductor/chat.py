@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     p.add_argument("--task", default="cross_modal", help="the built-in context's task")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-cache-tokens", type=int, default=None, help="bound the cache")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=None,
+        help="stream the first prompt (the context) through the decoder this many tokens at a time",
+    )  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     args = p.parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
@@ -90,7 +94,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     from .evaluation.eval import PolicySpec
 
     policy = PolicySpec.parse(args.policy).build(args.budget)
-    options = dict(compile=args.compile, max_cache_tokens=args.max_cache_tokens)
+    options = dict(
+        compile=args.compile, max_cache_tokens=args.max_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
+    )  # fmt: skip
     if args.model is None:
         model = csp_inductor.compile(hs.load_builtin_model(), policy, **options)
         sample = hs.make_sample(args.task, args.seed, num_images=8, num_questions=3)

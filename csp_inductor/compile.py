@@ -11,7 +11,9 @@ capacities and policies; a compiler failure falls back to eager with one warning
 A conversation continues a cache: the first forward of a ``generate`` call on a cache that
 holds a prompt (or, outside ``generate``, any forward of several tokens) is a turn, prefilled
 against the kept prefix and pruned by the policy as a prompt of its own length. With
-``max_cache_tokens`` the cache is re-pruned by the policy whenever it is full.
+``max_cache_tokens`` the cache is re-pruned by the policy whenever it is full. With
+``prefill_chunk`` a long prompt streams through the decoder a chunk at a time
+(:mod:`csp_inductor.backend.stream`): its KV never exists whole.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ class Options:
     dynamic: bool = True
     decode_softmax_n: float | None = None
     max_cache_tokens: int | None = None
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         capacity, n, bound = self.decode_capacity, self.decode_softmax_n, self.max_cache_tokens
-        if not isinstance(capacity, int) or capacity < 1:
+        chunk = self.prefill_chunk
+        if not _count(capacity, 1):
             raise ValueError(
                 f"decode_capacity must be an int >= 1, got decode_capacity={capacity!r}"
             )
@@ -49,16 +53,31 @@ class Options:
                 "decode_softmax_n must be None (ordinary softmax) or a finite number > 0, got "
                 f"decode_softmax_n={n!r}"
             )
-        if bound is not None and (not isinstance(bound, int) or bound < 2):
+        if bound is not None and not _count(bound, 2):
             raise ValueError(
                 "max_cache_tokens must be None (no bound) or an int >= 2, got "
                 f"max_cache_tokens={bound!r}"
+            )
+        if chunk is not None and not _count(chunk, 1):
+            raise ValueError(
+                "prefill_chunk must be None (prefill a prompt whole) or an int >= 1, got "
+                f"prefill_chunk={chunk!r}"
+            )
+        if chunk is not None and bound is not None and chunk >= bound:
+            raise ValueError(
+                f"prefill_chunk must be below max_cache_tokens, which holds the cache and a "
+                f"chunk; got prefill_chunk={chunk} with max_cache_tokens={bound}"
             )
 
     @property
     def null_logit(self) -> float | None:
         """The decode-time n-softmax's null slot logit, ln n (None: ordinary softmax)."""
         return None if self.decode_softmax_n is None else math.log(self.decode_softmax_n)
+
+
+def _count(value, least: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Module:
@@ -76,7 +95,16 @@ def compile(model: nn.Module, policy: Policy | None = None, **options) -> nn.Mod
       (an ablation);
     - ``max_cache_tokens``: None (the default) is unbounded; N makes the cache hold at most N
       tokens per row: when generation fills it, the policy prunes the held tokens again,
-      scoring them with the queries of the last tokens, as it prunes a prompt of N tokens.
+      scoring them with the queries of the last tokens, as it prunes a prompt of N tokens;
+    - ``prefill_chunk``: None (the default) prefills a prompt whole; C streams a longer prompt
+      through the decoder C tokens at a time, each chunk attending to the cache and causally to
+      itself. Alone, each chunk's tokens are pruned by the policy as they arrive (ranked by the
+      chunk's own window, as a turn's are; a question-agnostic policy re-reads each chunk and
+      keeps its budget of all the tokens seen): the cache grows with the budget, not the
+      prompt.
+      With ``max_cache_tokens=N``, chunks are kept whole until the cache is full, then the held
+      tokens are re-pruned by the bound (ranked by the last chunk's window): a hard cap of N
+      tokens, whatever the prompt's length.
 
     Returns the same model, changed in place; :func:`restore` undoes it. The backend is
     ``model.csp_backend``.

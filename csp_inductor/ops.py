@@ -202,11 +202,12 @@ def reprune_op(
     policy: Tensor,
     scale: float,
     scores: Tensor | None = None,
+    dropped: Tensor | None = None,
 ) -> None:
     """One layer's held tokens pruned again, in place: :func:`.reprune.reprune`."""
     reprune(
         keys, values, positions, images, queries, ring_positions, ring_images, lengths, kept,
-        policy, scale, scores,
+        policy, scale, scores, dropped,
     )  # fmt: skip
 
 

@@ -62,14 +62,16 @@ def reprune(
     policy: Tensor,
     scale: float,
     scores: Tensor | None = None,
+    dropped: Tensor | None = None,
 ) -> None:
     """Prune one layer's held tokens again, in place: the policy ranks the ``lengths[b]``
-    stored tokens of row ``b`` as it ranks a prompt, with the remembered recent queries
-    (``queries`` (b, hq, W, d) at ``ring_positions`` (b, W), -1 none; None for a policy that
-    scores without queries) as its scoring window, or with ``scores`` (b, hkv, 2, capacity)
-    per slot computed already (a re-reading's,
-    :func:`~csp_inductor.reconstruction.reconstruct_scores`), and the ``kept[b]`` it keeps
-    are compacted to the front, in order.
+    stored tokens of row ``b`` as it ranks a prompt (after ``dropped[b]`` tokens pruned
+    before, which it cannot keep: it keeps its budget of them all, a streamed prompt's), with
+    the remembered recent queries (``queries`` (b, hq, W, d) at ``ring_positions`` (b, W), -1
+    none; None for a policy that scores without queries) as its scoring window, or with
+    ``scores`` (b, hkv, 2, capacity) per slot computed already (a re-reading's,
+    :func:`~csp_inductor.reconstruction.reconstruct_scores`), and the ``kept[b]`` it keeps are
+    compacted to the front, in order.
 
     Each KV head holds its own tokens, so the scores are computed here per head (the query
     sees the stored tokens at or before its position; split self/cross by the query's and the
@@ -78,13 +80,17 @@ def reprune(
     (CSP reads it only to tell whether a row holds images) is a slot's modality in any head."""
     chosen = policy_at(policy)
     b, heads, capacity, _ = keys.shape
-    slots = torch.arange(capacity, device=keys.device)
-    shift = capacity - lengths  # frame position j holds slot j - shift[b]
-    order = (slots - shift[:, None]) % capacity  # (b, capacity)
-    padding = slots[None, :] < shift[:, None]
-    if scores is not None:
-        scores = scores.gather(3, order[:, None, None, :].expand_as(scores))
-    elif chosen.window_n is not None:
+    gone = torch.zeros_like(lengths) if dropped is None else dropped
+    # frame: padding, then the dropped tokens, then the held ones
+    extra = 0 if dropped is None else int(dropped.max())
+    width = capacity + extra
+    shift = width - (lengths + gone)  # frame position j holds slot j - shift[b] - gone[b]
+    rel = torch.arange(width, device=keys.device) - shift[:, None]  # (b, width)
+    order = torch.where(
+        rel < gone[:, None], rel.clamp(0, max(extra - 1, 0)), extra + rel - gone[:, None]
+    )
+    padding = rel < 0
+    if scores is None and chosen.window_n is not None:
         # each row's window: its policy's window for the tokens it holds, the newest queries
         own = [chosen.budget_for(n).window for n in lengths.tolist()]
         newest = ring_positions.amax(dim=1, keepdim=True)
@@ -94,29 +100,53 @@ def reprune(
             keys, positions, images, queries, ring_positions, ring_images, lengths,
             chosen.window_n, scale,
         )  # fmt: skip
-        scores = scores.gather(3, order[:, None, None, :].expand_as(scores))
-    frame_keys = keys.gather(2, order[:, None, :, None].expand_as(keys))
-    frame_images = images.gather(2, order[:, None, :].expand_as(images)).any(dim=1)
+    if scores is not None:  # the dropped tokens' scores the lowest
+        scores = _framed(scores, order, 3, extra, torch.finfo(scores.dtype).min)
+    frame_keys = _framed(keys, order, 2, extra, 0)
+    frame_images = _framed(images, order, 2, extra, False).any(dim=1)
     q_heads = heads if queries is None else queries.shape[1]
-    unused = keys.new_zeros(()).expand(b, q_heads, capacity, keys.shape[3])  # no scorer reads it
+    unused = keys.new_zeros(()).expand(b, q_heads, width, keys.shape[3])  # no scorer reads it
     with label(REPRUNE):
         idx = chosen.select(
             unused, frame_keys, frame_images, padding, scale=scale, window_scores=scores
         )
     counts = (idx >= 0).sum(dim=-1)
-    if not torch.equal(counts, kept[:, None].expand_as(counts)):
+    chosen_slots = idx - (shift + gone)[:, None, None]
+    if not torch.equal(counts, kept[:, None].expand_as(counts)) or bool(
+        ((chosen_slots < 0) & (idx >= 0)).any()
+    ):
         raise RuntimeError(
             f"the policy kept {counts[:, 0].tolist()} held tokens per row, the backend expected "
             f"{kept.tolist()}"
         )
-    chosen_slots = (idx - shift[:, None, None]).clamp_min(0)
+    _write_kept((keys, values, positions, images), idx, chosen_slots.clamp(0, capacity - 1))
+    clear_images_from(images, kept)
+
+
+def _framed(tensor: Tensor, order: Tensor, dim: int, extra: int, fill) -> Tensor:
+    """``tensor`` (b, …) after ``extra`` entries of ``fill`` along ``dim`` (the dropped
+    tokens'), gathered along ``dim`` by ``order`` (b, frame) into the frame."""
+    if extra:
+        front = list(tensor.shape)
+        front[dim] = extra
+        tensor = torch.cat([tensor.new_full(front, fill), tensor], dim=dim)
+    shape = [order.shape[0]] + [1] * (tensor.dim() - 1)
+    shape[dim] = order.shape[1]
+    index = order.view(shape).expand(*tensor.shape[:dim], order.shape[1], *tensor.shape[dim + 1 :])
+    return tensor.gather(dim, index)
+
+
+def _write_kept(buffers, idx: Tensor, chosen_slots: Tensor) -> None:
+    """The kept tokens (``idx`` >= 0, at ``chosen_slots``) of each row and head written in
+    order to the front of ``buffers`` (keys, values, positions, images)."""
+    keys, values, positions, images = buffers
     width = idx.shape[-1]
     for buffer in (keys, values):
-        picked = buffer.gather(2, chosen_slots[..., None].expand(-1, -1, -1, buffer.shape[3]))
-        buffer[:, :, :width] = picked
+        buffer[:, :, :width] = buffer.gather(
+            2, chosen_slots[..., None].expand(-1, -1, -1, buffer.shape[3])
+        )
     positions[:, :, :width] = torch.where(idx >= 0, positions.gather(2, chosen_slots), -1)
     images[:, :, :width] = images.gather(2, chosen_slots) & (idx >= 0)
-    clear_images_from(images, kept)
 
 
 def _held_scores(

@@ -16,11 +16,14 @@ def questions_and_answers(seed: int = 7, task: str = "cross_modal"):
     return [(hs.decode(q), hs.decode(a)) for q, a in pairs]
 
 
-@pytest.mark.parametrize("policy", ["full", "csp"])
-def test_chat_answers_every_turn_and_reports_the_kv_held(policy, capsys):
+@pytest.mark.parametrize(
+    "policy, options", [("full", []), ("csp", []), ("full", ["--prefill-chunk", "64"])]
+)
+def test_chat_answers_every_turn_and_reports_the_kv_held(policy, options, capsys):
+    # (streamed with a keep-all policy, the context gives the unmodified model's answers)
     pairs = questions_and_answers()
     stdin = io.StringIO("".join(f"{q}\n" for q, _ in pairs) + "\nwhat is hello ?\n")
-    assert main(["--policy", policy], stdin=stdin) == 0
+    assert main(["--policy", policy, *options], stdin=stdin) == 0
     out = capsys.readouterr().out
     answers = re.findall(r"^> (.*)$", out, flags=re.M)
     report = r"KV held [\d.]+ KiB: (\d+) tokens of (\d+) seen \(this turn kept (\d+) of (\d+)"

@@ -49,6 +49,23 @@ def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
     assert "budget" in format_table(results)
 
 
+def test_eval_streamed_reports_accuracy_by_the_needles_chunk(tmp_path):
+    out = tmp_path / "r.json"
+    code = main(
+        ["eval", "--samples", "2", "--policies", "csp", "--budgets", "0.2",
+         "--prefill-chunk", "64", "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    assert json.loads(out.read_text())["config"]["prefill_chunk"] == 64
+    every = next(r for r in results if r["task"] == "all")
+    chunks = [r for r in results if r["task"].startswith("chunk ")]
+    assert chunks and sum(r["n"] for r in chunks) == every["n"]  # every needle is known
+    hits = sum(round(r["accuracy"] * r["n"]) for r in chunks)
+    assert hits == round(every["accuracy"] * every["n"])
+    assert every["kv_fraction"] < 0.3  # streamed, the prompt is still pruned to the budget
+
+
 def test_cli_usage_errors(capsys):
     assert main([]) == 2
     with pytest.raises(SystemExit):

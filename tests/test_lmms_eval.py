@@ -68,12 +68,16 @@ def test_model_args_choose_the_policy_and_bad_ones_are_named():
     model = _model("policy=snapkv,budget=0.1,window_ratio=0.05", batch_size="2")
     assert model.policy == SnapKV(0.1, window_ratio=0.05) == model.model.csp_backend.policy
     assert model.batch_size == 2
+    streamed = _model("policy=csp,budget=0.2,prefill_chunk=64,max_cache_tokens=512")
+    options = streamed.model.csp_backend.options
+    assert (options.prefill_chunk, options.max_cache_tokens) == (64, 512)
     bad = {
         "policy=nope": "policy='nope' is not a policy",
         "policy=oracle": "policy='oracle' is not a policy",
         "policy=csp,bugdet=0.1": r"has no option\(s\) \['bugdet'\]",
         "compile=yes": "compile must be true or false",
         "dtype=float16": "dtype must be auto",
+        "prefill_chunk=0": "prefill_chunk must be None .* or an int >= 1, got prefill_chunk=0",
     }
     for args, message in bad.items():
         with pytest.raises(ValueError, match=message):

@@ -17,7 +17,7 @@ from ..distributed import check_layout
 from ..model_layout import detect, self_attention
 from ..policies import Full, Policy
 from ..policy_table import PolicySlot, register_policy
-from . import bound, install
+from . import bound, install, reread
 from .compiled_forward import CompiledForward
 from .lm_head import CompiledHead
 from .specs import layer_specs
@@ -78,8 +78,11 @@ class Backend:
                 f"policy must be a csp_inductor Policy (CSP(), SnapKV(budget=0.2), ...), got "
                 f"policy={policy!r}"
             )
-        model_name, limit = type(self.model).__name__, self.options.max_cache_tokens
-        why = why_unsupported(policy, model_name, self.layout, self.layer_specs(), limit)
+        model_name, options = type(self.model).__name__, self.options
+        why = why_unsupported(
+            policy, model_name, self.layout, self.layer_specs(), options.max_cache_tokens,
+            options.prefill_chunk,
+        )  # fmt: skip
         if why is not None:
             raise ValueError(why)
         self.policy_slot.set(policy)
@@ -124,6 +127,16 @@ class Backend:
         step, self.step = self.step, None
         if step is not None:
             step.undo.close()
+        return step
+
+    def finish_step(self, tokens: int) -> Step | None:
+        """End the running forward's step after its ``tokens`` tokens: the cache moves past
+        them, and a prompt to re-read is re-read."""
+        step = self.end_step()
+        if step is not None and step.cache is not None:
+            step.cache.advance(tokens)
+            if step.rereads:
+                reread.reread(self, step)
         return step
 
     def layer_specs(self) -> list[LayerSpec]:

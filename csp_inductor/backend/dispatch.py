@@ -7,8 +7,10 @@ post-hook ends it.
   several tokens outside one, on a cache that holds a prompt): :func:`.turn.plan_turn`;
 - anything else appends to the cache: decode steps (:func:`.room.make_room` first).
 
-Ending a step advances the cache's lengths (outside the compiled graph) and, for a prompt a
-question-agnostic policy scores, re-reads it (:func:`.reread.reread`).
+A prompt longer than ``prefill_chunk`` is streamed: the decoder runs it in chunks, each with
+a step of its own (:mod:`.stream`). Ending a step advances the cache's lengths (outside the
+compiled graph) and, for a prompt a question-agnostic policy scores, re-reads it
+(:func:`.reread.reread`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from transformers.cache_utils import Cache
 
 from .. import compat
 from ..cache import PrunedCache
-from . import prompt, reread, room, turn
+from . import prompt, room, stream, turn
 from .step import DECODE, PREFILL, TURN
 
 if TYPE_CHECKING:
@@ -54,8 +56,11 @@ def before_forward(backend: Backend, module, args, kwargs):
     else:
         mask = _padding_mask(kwargs.get("attention_mask"), prepared_mask, prepared)
         inputs = prompt.Inputs(ids, kwargs.get("mm_token_type_ids"), mask, batch, q_len)
-        plan = turn.plan_turn if phase == TURN else prompt.plan_prompt
-        plan(backend, step, inputs)
+        keep = kwargs.get("logits_to_keep")
+        if phase == TURN:
+            turn.plan_turn(backend, step, inputs)
+        elif not stream.streams(backend, step, inputs, keep):
+            prompt.plan_prompt(backend, step, inputs)
     if cache is not None:
         backend.cache = cache
         if step.cached and step.kernel == "flex":
@@ -102,11 +107,9 @@ def _padding_mask(mask, prepared_mask, prepared: bool) -> torch.Tensor | None:
 def after_forward(backend: Backend, module, args, kwargs, output):
     """The model's forward hook: end the step; the cache moves past the forward's tokens,
     and a prompt to re-read is re-read."""
-    step = backend.end_step()
-    cache = step.cache if step is not None else None
-    if cache is not None:
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        cache.advance((ids if ids is not None else embeds).shape[1])
-        if step.rereads:
-            reread.reread(backend, step)
+    if backend.step is not None and backend.step.stream is not None:
+        backend.end_step()  # (its chunks moved the cache)
+        return output
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    backend.finish_step((ids if ids is not None else embeds).shape[1])
     return output

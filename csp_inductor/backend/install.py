@@ -7,7 +7,8 @@
 3. wraps ``generate`` (the cache's decode room follows ``max_new_tokens``; the backend's cache
    stands in for the ``cache_implementation`` asked for) and ``prepare_inputs_for_generation``
    (the 2D mask of the prompt, before generate turns it into 4D ones);
-4. compiles the decoder's forward and the LM head of decode steps.
+4. compiles the decoder's forward and the LM head of decode steps; with ``prefill_chunk``,
+   the decoder's forward streams long prompts (:mod:`.stream`).
 
 Everything is undone by closing the returned stack, except the registration of the functions
 with transformers: process-wide, shared by every compiled model, and selected by none once its
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,8 @@ from ..transformers_attention import csp_attention, model_mask
 from . import dispatch, reread
 from .compiled_forward import CompiledForward
 from .lm_head import CompiledHead
+from .stream import StreamedForward
+from .stream_model import StreamedModelForward, streams_inputs
 
 if TYPE_CHECKING:
     from .core import Backend
@@ -84,11 +88,20 @@ def install(backend: Backend) -> contextlib.ExitStack:
     _set(undo, model, "generate", functools.wraps(model.generate)(_generate(backend)))
     prepare = model.prepare_inputs_for_generation
     _set(undo, model, "prepare_inputs_for_generation", _prepare_inputs(backend, prepare))
+    own = forward = decoder.forward
+    signature = inspect.signature(own)
     if backend.options.compile:
-        backend.compiled = CompiledForward(
-            decoder.forward, dynamic=backend.options.dynamic, keep_mask=backend.layout.recurrent
+        forward = backend.compiled = CompiledForward(
+            forward, dynamic=backend.options.dynamic, keep_mask=backend.layout.recurrent
         )
-        _set(undo, decoder, "forward", backend.compiled)
+    if backend.options.prefill_chunk is not None:
+        forward = StreamedForward(backend, forward, signature)
+    if forward is not own:
+        _set(undo, decoder, "forward", forward)
+    if backend.options.prefill_chunk is not None and streams_inputs(model):
+        signature = inspect.signature(model.forward)
+        _set(undo, model, "forward", StreamedModelForward(backend, model.forward, signature))
+    if backend.options.compile:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if type(head) is nn.Linear:  # (a subclass may compute something else)
             backend.lm_head = CompiledHead(head)

@@ -27,11 +27,15 @@ class Inputs(NamedTuple):
     q_len: int
 
 
-def plan_prompt(backend: Backend, step: Step, inputs: Inputs) -> None:
+def plan_prompt(
+    backend: Backend, step: Step, inputs: Inputs, keep_all: bool = False, modality: bool = False
+) -> None:
     """A prompt (or tokens without a cache): its modality, padding and row starts; with a cache,
     each row's kept count, allocated in it. A question-agnostic policy keeps the whole prompt
     and re-reads it once its forward is done; a policy ranking by the layers' inputs collects
-    them during the forward."""
+    them during the forward. ``keep_all``: nothing is pruned (a streamed prompt's first chunk
+    under a bound); ``modality``: the cache stores its slots' modality (a streamed prompt
+    whose later chunks are re-read)."""
     param = next(backend.decoder.parameters())
     batch, q_len = inputs.batch, inputs.q_len
     step.is_image = visual_tokens(backend, inputs)
@@ -45,12 +49,14 @@ def plan_prompt(backend: Backend, step: Step, inputs: Inputs) -> None:
     budgets = [policy.budget_for(n) for n in whole]
     kept = [budget.kept for budget in budgets]
     rereads = policy.reconstruction is not None and not all(b.keep_all for b in budgets)
-    if rereads:  # everything is kept until the prompt is re-read
+    if keep_all:
+        kept, step.keep, rereads = whole, backend.full_index, False
+    elif rereads:  # everything is kept until the prompt is re-read
         kept, step.keep, step.rereads = whole, backend.full_index, True
     elif policy.needs_layer_inputs and kept != whole:
         layer_inputs.collect(backend, step)
     chunk = reread.chunk_width(backend) if rereads else 0
-    cache.start_prefill(kept, param.dtype, param.device, step.starts, pads, q_len, chunk)
+    cache.start_prefill(kept, param.dtype, param.device, step.starts, pads, q_len, chunk, modality)
 
 
 def visual_tokens(backend: Backend, inputs: Inputs) -> torch.Tensor:

@@ -28,8 +28,9 @@ def capture_prompt(backend: Backend, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = backend.decoder.get_input_embeddings()(ids)
     batch, length = embeds.shape[:2]
-    if positions is None:
-        positions = torch.arange(length, device=embeds.device).expand(batch, -1)
+    if positions is None:  # (after the tokens the cache has seen: a streamed prompt's chunk)
+        seen = int(step.cache.seen)
+        positions = torch.arange(seen, seen + length, device=embeds.device).expand(batch, -1)
     # each row's next position: past its last real token's (M-RoPE: on every axis; the
     # text row generate puts first, (4, b, L) on Qwen2-VL, is not one of them)
     positions = positions.reshape(-1, batch, length)
@@ -52,7 +53,13 @@ def reread(backend: Backend, prompt_step: Step) -> None:
     chunks of each row's real tokens, after the separator, run through the decoder as a turn
     that is never kept (each chunk sees the prompt and itself, causally); every layer folds the
     chunk's attention into its scores (``csp_inductor::reconstruct_scores_``); the policy then
-    selects with them (``csp_inductor::reprune_``)."""
+    selects with them (``csp_inductor::reprune_``).
+
+    A streamed prompt's chunk (``prompt_step.carried``) is re-read the same way, attending to
+    the tokens held before it, its scores added to those the held tokens carry from earlier
+    chunks' re-reads; the policy then keeps its budget of every token seen among those held
+    (the last ``prompt_step.reread_recent[b]`` ranked first), and the kept ones' scores are
+    carried on."""
     cache, policy = prompt_step.cache, backend.policy
     if prompt_step.prompt is None:
         raise RuntimeError(
@@ -60,30 +67,81 @@ def reread(backend: Backend, prompt_step: Step) -> None:
             f"{type(backend.model).__name__}, which {policy!r} re-reads"
         )
     embeds, is_image, padding, after = prompt_step.prompt
-    reconstruction = policy.reconstruction
+    reconstruction, carried = policy.reconstruction, prompt_step.carried
     batch, length, _ = embeds.shape
-    held = list(cache.rows)  # each row's prompt, whole
     sep = _separator(backend).to(embeds.dtype)
     everything = torch.arange(length, device=embeds.device)
     tokens = [everything] * batch if padding is None else [everything[~row] for row in padding]
-    scores = {
-        layer.index: torch.zeros(
-            batch, layer.spec.kv_heads, 2, layer.keys.shape[2], device=embeds.device
-        )
-        for layer in cache.pruned
-    }
-    for lo in range(0, max(held), reconstruction.chunk):
+    scores = {layer.index: _carried(carried, layer, batch) for layer in cache.pruned}
+    for lo in range(0, max(len(row) for row in tokens), reconstruction.chunk):
         chunk = _chunk(embeds, is_image, tokens, lo, reconstruction, sep)
         scoring = Reread(scores, chunk.scored, chunk.is_image, policy, reconstruction)
         _forward_chunk(backend, cache, chunk, after, scoring)
-    kept = [policy.budget_for(n).kept for n in held]
-    target = torch.tensor(kept, dtype=torch.long, device=cache.lengths.device)
+    _keep_recent(scores, cache.rows, prompt_step.reread_recent)
+    held = list(cache.rows)  # (a prompt: held whole)
+    dropped = [0] * batch if carried is None else _dropped(policy, carried.seen, held)
+    kept = [policy.budget_for(h + d).kept for h, d in zip(held, dropped, strict=True)]
+    device = cache.lengths.device
+    target, gone = (torch.tensor(x, dtype=torch.long, device=device) for x in (kept, dropped))
     for layer, scale in zip(cache.pruned, backend.scales, strict=True):
+        before = None if carried is None else layer.positions.clone()
         reprune_op(
             layer.keys, layer.values, layer.positions, layer.images, None, None, None,
             cache.lengths, target, backend.policy_index, scale, scores[layer.index],
+            None if carried is None else gone,
         )  # fmt: skip
-    cache.finish_reread(kept)
+        if carried is not None:
+            carried.scores[layer.index] = _kept_scores(scores[layer.index], before, layer, target)
+    if carried is None:
+        cache.finish_reread(kept)
+    else:
+        cache.pruned_to(kept)
+
+
+def _dropped(policy, seen: list[int], held: list[int]) -> list[int]:
+    """Each row's tokens pruned before that its policy's budget counts: all those seen but not
+    held, fewer where the budget would then exceed the held tokens (or keep them all)."""
+    out = []
+    for n, h in zip(seen, held, strict=True):
+        d = n - h
+        while d > 0 and (policy.budget_for(h + d).keep_all or policy.budget_for(h + d).kept > h):
+            d -= 1
+        out.append(d)
+    return out
+
+
+def _carried(carried, layer, batch: int) -> torch.Tensor:
+    """A layer's scores to add a re-read to: zeros, or those its held tokens carry (the slots
+    after them zeros)."""
+    scores = torch.zeros(
+        batch, layer.spec.kv_heads, 2, layer.keys.shape[2], device=layer.keys.device
+    )
+    old = None if carried is None else carried.scores.get(layer.index)
+    if old is not None:
+        width = min(old.shape[3], scores.shape[3])
+        scores[..., :width] = old[..., :width]
+    return scores
+
+
+def _kept_scores(scores: torch.Tensor, before: torch.Tensor, layer, kept: torch.Tensor):
+    """The scores (b, hkv, 2, slots) of the tokens a re-prune kept, at their new slots: each
+    kept token found by its position among those held before (in order, per head)."""
+    top = torch.iinfo(before.dtype).max
+    held = before.masked_fill(before < 0, top)
+    now = layer.positions.masked_fill(layer.positions < 0, top)
+    slots = torch.searchsorted(held, now).clamp_max(held.shape[2] - 1)
+    moved = scores.gather(3, slots[:, :, None, :].expand_as(scores))
+    free = torch.arange(slots.shape[2], device=slots.device) >= kept[:, None, None]
+    return moved.masked_fill(free[:, :, None, :], 0)
+
+
+def _keep_recent(scores: dict, held: list[int], recent: list[int] | None) -> None:
+    """Each row's last ``recent[b]`` held tokens ranked first (None: no row's)."""
+    if recent is None:
+        return
+    for layer_scores in scores.values():
+        for row, (end, count) in enumerate(zip(held, recent, strict=True)):
+            layer_scores[row, ..., end - count : end] = torch.finfo(layer_scores.dtype).max
 
 
 class Chunk(NamedTuple):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..cache import PrunedCache
     from ..model_layout import ModelLayout
     from ..policies import Policy, Reconstruction
+    from .stream import Stream
 
 # What a forward is, decided once per forward by the dispatch:
 PREFILL = "prefill"  # a prompt (into an empty cache), or tokens without a cache
@@ -36,6 +37,15 @@ class Reread(NamedTuple):
     is_image: Tensor
     policy: Policy
     reconstruction: Reconstruction
+
+
+class Carried(NamedTuple):
+    """A streamed prompt re-read chunk by chunk (:mod:`.stream`): the re-read scores of the
+    tokens the cache holds, by layer (b, hkv, 2, slots), carried from chunk to chunk, and each
+    row's real tokens seen so far (what the policy keeps its budget of)."""
+
+    scores: dict[int, Tensor]
+    seen: list[int]
 
 
 @dataclass
@@ -65,6 +75,13 @@ class Step:
     # next position, captured at the decoder's input (:mod:`.reread`)
     rereads: bool = False
     prompt: tuple | None = None
+    # a streamed prompt's chunk: what its re-read carries on from the earlier chunks' (the
+    # held tokens' scores, the tokens seen), and how many of the last tokens it keeps whatever
+    # they score (the last chunk: the whole prompt's recent tokens)
+    carried: Carried | None = None
+    reread_recent: list[int] | None = None
+    # a prompt the decoder streams in chunks (:mod:`.stream`), each with a step of its own
+    stream: Stream | None = None
     # what the step set up outside itself (hooks, flags), undone when it ends
     undo: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 

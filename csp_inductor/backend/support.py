@@ -11,15 +11,22 @@ if TYPE_CHECKING:
 
 
 def why_unsupported(
-    policy: Policy, model_name: str, layout: ModelLayout, specs: list[LayerSpec], bound: int | None
+    policy: Policy,
+    model_name: str,
+    layout: ModelLayout,
+    specs: list[LayerSpec],
+    bound: int | None,
+    chunk: int | None = None,
 ) -> str | None:
     """Why ``policy`` cannot prune the cache of this model (``model_name``, its ``layout`` and
-    cache ``specs``) under ``bound`` (``max_cache_tokens``), or None when it can."""
+    cache ``specs``) under ``bound`` (``max_cache_tokens``) with prompts streamed ``chunk``
+    tokens at a time (``prefill_chunk``), or None when it can."""
     latent = any(spec.latent for spec in specs)
     return (
         _why_not_bounded(policy, model_name, latent, bound)
         or _why_not_reread(policy, model_name, layout, latent, bound)
         or _why_not_layer_inputs(policy, model_name, latent, bound)
+        or _why_not_streamed(policy, model_name, layout, bound, chunk)
     )
 
 
@@ -84,3 +91,29 @@ def _why_not_layer_inputs(policy: Policy, model_name: str, latent: bool, bound: 
     return (
         f"{policy!r} ranks by each layer's inputs, which is not supported for {model_name}: {why}"
     )
+
+
+def _why_not_streamed(policy, model_name, layout: ModelLayout, bound: int | None, chunk):
+    """A streamed prompt's chunks after the first are turns: a model must continue a cache,
+    a policy prune a turn, and under a bound a re-prune must leave room for a chunk."""
+    if chunk is None:
+        return None
+    if layout.kv_source:
+        return (
+            f"prefill_chunk is not supported for {model_name}: its layers share K/V and compute "
+            "only the last queries of a later chunk"
+        )
+    if policy.needs_layer_inputs:
+        return (
+            f"prefill_chunk needs a policy that prunes each chunk as it arrives; {policy!r} "
+            "ranks by the layers' inputs, which it collects for a whole prompt only"
+        )
+    if bound is not None:
+        after = policy.budget_for(bound).kept
+        if after + chunk > bound:
+            return (
+                f"prefill_chunk={chunk} does not fit under max_cache_tokens={bound} beside the "
+                f"{after} tokens {policy!r} keeps of a full cache; lower the chunk or the "
+                "budget, or raise the bound"
+            )
+    return None

@@ -15,9 +15,10 @@ if TYPE_CHECKING:
     from .core import Backend
 
 
-def plan_turn(backend: Backend, step: Step, inputs: Inputs) -> None:
+def plan_turn(backend: Backend, step: Step, inputs: Inputs, keep_all: bool = False) -> None:
     """A new turn of a conversation on a cache that holds the earlier ones: its tokens see the
-    kept prefix, and the policy prunes them as a prompt of their own length."""
+    kept prefix, and the policy prunes them as a prompt of their own length (``keep_all``: they
+    are all kept, as a streamed prompt's chunks under a bound are)."""
     cache, q_len, policy = step.cache, inputs.q_len, backend.policy
     if backend.layout.kv_source:
         raise ValueError(
@@ -32,7 +33,7 @@ def plan_turn(backend: Backend, step: Step, inputs: Inputs) -> None:
     kept = [policy.budget_for(q_len - p).kept for p in pads]
     # what the turn's compaction keeps: the policy's; a policy scored by its layers' inputs
     # (kvpress's presses) prunes prompts only and keeps a turn whole, as kvpress does
-    if policy.needs_layer_inputs:
+    if policy.needs_layer_inputs or keep_all:
         kept, step.keep = [q_len - p for p in pads], backend.full_index
     if cache.bound is not None:  # (an unbounded cache grows for the turn and its answer)
         room.make_room(backend, cache, q_len)

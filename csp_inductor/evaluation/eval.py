@@ -121,11 +121,15 @@ def evaluate_haystack(
     fill: float = 0.5,
     questions: int = 4,
     ranks: Ranks = ALONE,
+    prefill_chunk: int | None = None,
 ) -> list[dict]:
     """Accuracy rows per policy × budget × task (and "all"). ``mode="conversation"`` asks up
     to ``questions`` questions per context (:func:`run_conversations`; accuracy over all of
     them); ``fill`` is the boards' chance of a non-empty cell (``hs.SPARSE_FILL``: sparse).
-    ``ranks`` share the batches (data parallel); every rank returns the same rows."""
+    ``ranks`` share the batches (data parallel); every rank returns the same rows.
+    ``prefill_chunk``: prompts stream through the decoder that many tokens at a time; the rows
+    then also hold each run's accuracy by the chunk its first question's needle is in (task
+    ``chunk k``: the needle's prompt position // ``prefill_chunk``)."""
     conversation = mode == "conversation"
     data = hs.make_split(
         "test", samples * len(tasks), seed=seed, tasks=tasks, fill=fill,
@@ -133,7 +137,9 @@ def evaluate_haystack(
     )  # fmt: skip
     jobs = [(s, b) for s in specs for b in (budgets if s.name != "full" else [1.0])]
     results = []
-    with pruning(model, Full(), compile=compile):  # one backend (and graphs) for all runs
+    options = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+    # one backend (and graphs) for all runs
+    with pruning(model, Full(), compile=compile, **options):
         for spec, budget in tqdm(jobs, desc="eval", unit="run", disable=not ranks.main):
             policy = spec.build(budget)
             if conversation:
@@ -148,7 +154,23 @@ def evaluate_haystack(
                 mine = [h for h, s in zip(hits, data, strict=True) if task in ("all", s.task)]
                 flat = [c for h in mine for c in h]
                 results.append(_row(spec, budget, task, sum(flat) / len(flat), len(flat), stats))
+            if prefill_chunk is not None:
+                results += _by_needle_chunk(spec, budget, data, hits, prefill_chunk, stats)
     return results
+
+
+def _by_needle_chunk(spec, budget, data, hits, chunk: int, stats: RunStats) -> list[dict]:
+    """Accuracy by the chunk of a streamed prompt its first question's needle is in (samples
+    whose needle is known), in chunk order."""
+    groups: dict[int, list[bool]] = {}
+    for sample, hit in zip(data, hits, strict=True):
+        focus = int(sample.focus[0])
+        if focus >= 0:
+            groups.setdefault(focus // chunk, []).append(hit[0])
+    return [
+        _row(spec, budget, f"chunk {k}", sum(h) / len(h), len(h), stats)
+        for k, h in sorted(groups.items())
+    ]
 
 
 def _row(spec, budget, task, accuracy, n, stats: RunStats) -> dict:
@@ -214,6 +236,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--questions", type=int, default=4, help="conversation: questions per context")
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="visualhaystack: stream each prompt through the decoder this many tokens at a time "
+        "(adds accuracy by the needle's chunk)",
+    )
+    p.add_argument(
         "--variant",
         choices=("dense", "sparse"),
         default="dense",
@@ -240,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in budgets:
         if not 0 < b <= 1:
             p.error(f"--budgets: every budget must be in (0, 1], got {b}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        p.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.questions < 1:
         p.error(f"--questions must be >= 1, got {args.questions}")
     if args.mode == "conversation" and args.question_after:
@@ -267,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, compile=args.compile, question_after=args.question_after,
             mode=args.mode, fill=hs.SPARSE_FILL if args.variant == "sparse" else 0.5,
             questions=args.questions, ranks=ALONE if args.tp else ranks,
+            prefill_chunk=args.prefill_chunk,
         )  # fmt: skip
     if not ranks.main:
         return 0

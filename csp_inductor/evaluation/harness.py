@@ -19,19 +19,24 @@ from csp_inductor.policies import Full, Oracle, Policy
 
 
 @contextlib.contextmanager
-def pruning(model, policy: Policy, *, compile: bool | None = None):
+def pruning(model, policy: Policy, *, compile: bool | None = None, **options):
     """``model`` pruning with ``policy`` inside the block. A model already compiled by
     csp_inductor keeps its backend (and its compiled graphs: the policy is switched, not
     recompiled) and gets its previous policy back; otherwise it is compiled (``compile``;
-    None = eager) and restored."""
+    None = eager; ``options``: :func:`csp_inductor.compile`'s others) and restored."""
     backend = getattr(model, "csp_backend", None)
+    if backend is not None and options:
+        raise ValueError(
+            f"the model already has a backend, with its options; got {options}: restore(model) "
+            "first"
+        )
     if backend is not None and compile is not None and compile != backend.compile:
         raise ValueError(
             f"the model's backend has compile={backend.compile}, got compile={compile}; "
             "restore(model) first, or pass compile=None to use the backend as it is"
         )
     if backend is None:
-        compile_model(model, policy, compile=bool(compile))
+        compile_model(model, policy, compile=bool(compile), **options)
         try:
             yield model.csp_backend
         finally:

@@ -42,6 +42,8 @@ class CSPInductor(lmms):
             ``builtin`` for the shipped tiny LLaVA.
         policy: the policy's short name; its options come as further keyword arguments.
         compile: torch.compile the decoder (off by default: evaluation prompts vary in length).
+        prefill_chunk, max_cache_tokens: :func:`csp_inductor.compile`'s (a prompt streamed
+            through the decoder that many tokens at a time; a hard cap on the cache).
         dtype: the weights' dtype (``auto``: as stored; the built-in model is fp32).
         batch_size, device: lmms-eval's ``--batch_size`` (prompts per ``generate`` call) and
             ``--device``.
@@ -54,6 +56,8 @@ class CSPInductor(lmms):
         pretrained: str = BUILTIN,
         policy: str = "csp",
         compile: bool = False,
+        prefill_chunk: int | None = None,
+        max_cache_tokens: int | None = None,
         dtype: str = "auto",
         batch_size: int | str | None = 1,
         device: str | None = None,
@@ -80,7 +84,10 @@ class CSPInductor(lmms):
         self.model = self.model.to(device or "cpu").eval()
         self.processor = AutoProcessor.from_pretrained(str(path))
         self.processor.tokenizer.padding_side = "left"
-        csp_inductor.compile(self.model, self.policy, compile=compile)
+        csp_inductor.compile(
+            self.model, self.policy, compile=compile, prefill_chunk=prefill_chunk,
+            max_cache_tokens=max_cache_tokens,
+        )  # fmt: skip
         self.kv_bytes = 0  # what the pruned caches held, summed over batches
         self.full_kv_bytes = 0  # what full caches of the same prompts would have held
 
