@@ -4,9 +4,12 @@ Per attention layer the cache holds ``keys``/``values`` of shape (batch, kv_head
 head_dim or value_dim) and ``positions`` (batch, kv_heads, capacity) with the absolute
 (padded-prompt) position of every stored token, where ``capacity = max kept prompt tokens +
 decode capacity``. The first ``lengths[b]`` slots of row ``b`` are valid; the rest are never
-attended to. All layers share ``lengths`` (every policy keeps the same count in every layer) and
-``seen`` (the logical number of tokens processed, i.e. the unpruned length, so new tokens get
-absolute positions).
+attended to. All layers share ``seen`` (the logical number of tokens processed, i.e. the
+unpruned length, so new tokens get absolute positions) and, when every layer keeps the same
+count, ``lengths``; a policy that shares its budget among the layers (``layers="pyramid"``)
+gives each layer its own ``lengths`` and its own capacity, so each holds just its kept tokens
+and the decode room (``layer.lengths`` is ``cache.lengths`` otherwise; ``cache.lengths`` then
+holds each row's longest layer).
 With a bound (``max_cache_tokens``) the capacity is fixed, and each layer also holds the
 modality of every stored token (``images``) and the queries of the last ``window`` tokens
 (``queries``, a ring indexed by absolute position modulo ``window``; their positions and
@@ -76,6 +79,7 @@ class PrunedLayer(CacheLayerMixin):
         self.sliding_window = spec.sliding_window
         self.is_sliding = spec.sliding_window is not None  # read by transformers' mask sizing
         self.keys = self.values = self.positions = None
+        self.lengths: Tensor | None = None  # (batch,) valid slots per row (see the module)
         self.images = self.queries = None  # with a bound: stored modality, recent queries
         self.prompt: tuple[Tensor, Tensor] | None = None  # an MLA layer's prompt latents
 
@@ -193,7 +197,8 @@ class PrunedCache(Cache):
         self.layers = [_layer(self, i, spec) for i, spec in enumerate(self.specs)]
         self.pruned = [layer for layer in self.layers if isinstance(layer, PrunedLayer)]
         self.phase = "empty"
-        self.lengths: Tensor | None = None  # (batch,) valid slots per row
+        self.lengths: Tensor | None = None  # (batch,) valid slots per row (the longest layer's)
+        self.layer_rows: list[list[int]] | None = None  # host lengths by layer, when they differ
         self.starts: Tensor | None = None  # (batch,) left padding per row (chunked attention)
         self.seen = torch.zeros((), dtype=torch.long)  # logical (unpruned) tokens processed
         self.rows: list[int] = []  # host mirror of lengths: no device sync per step
@@ -214,8 +219,11 @@ class PrunedCache(Cache):
         tokens: int | None = None,
         reread: int = 0,
         modality: bool = False,
+        layer_kept: list[list[int]] | None = None,
     ) -> None:
-        """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room;
+        """Allocate every layer for ``kept[b]`` prompt tokens of row ``b`` plus decode room
+        (``layer_kept[j][b]`` in the ``j``-th pruned layer instead, when the layers keep
+        different counts: then ``kept`` is each row's mean over the layers, what it reports);
         ``starts`` (batch,) the rows' left padding (None: none), ``padding`` the rows'
         padding tokens (None: none), ``tokens`` the prompt's length (None: as kept).
         ``reread`` > 0: the prompt is kept whole, then re-read ``reread`` tokens at a time
@@ -231,17 +239,30 @@ class PrunedCache(Cache):
                 f"whose kept tokens per row are {kept}; it must exceed them"
             )
         room = self.decode_capacity if self.bound is None else self.bound - max(kept)
-        capacity = self._capacity(max(kept) + max(room, reread))
+        if layer_kept is not None and (self.bound is not None or reread or modality):
+            raise ValueError(
+                "layers that keep different counts are supported on an unbounded cache of a "
+                "prompt scored at prefill (no max_cache_tokens, re-read or streaming)"
+            )
+        counts = [kept] * len(self.pruned) if layer_kept is None else layer_kept
         images = modality or self.bound is not None or reread > 0
-        for layer in self.pruned:
+        for layer, rows in zip(self.pruned, counts, strict=True):
+            capacity = self._capacity(max(rows) + max(room, reread))
             layer.allocate(len(kept), capacity, dtype, device, images, self.window)
         if self.window:
             self.ring_positions = torch.full((len(kept), self.window), -1, device=device)
             self.ring_images = torch.zeros(len(kept), self.window, dtype=torch.bool, device=device)
         self._mark_null_slot()
-        self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
+        self.layer_rows = None if layer_kept is None else [list(rows) for rows in layer_kept]
+        longest = (
+            kept if layer_kept is None else [max(rows) for rows in zip(*layer_kept, strict=True)]
+        )
+        self.lengths = torch.tensor(longest, dtype=torch.long, device=device)
+        for layer, rows in zip(self.pruned, counts, strict=True):
+            own = layer_kept is not None
+            layer.lengths = torch.tensor(rows, device=device) if own else self.lengths
         self.starts = torch.zeros_like(self.lengths) if starts is None else starts.to(device)
-        self.rows = list(kept)
+        self.rows = list(longest)
         self.seen = self.seen.to(device)
         self.padding = [0] * len(kept) if padding is None else list(padding)
         real = kept if tokens is None else [tokens - pad for pad in self.padding]
@@ -292,6 +313,13 @@ class PrunedCache(Cache):
         (a bounded cache has been given room by its backend: it never grows)."""
         if self.phase != "decode":
             raise RuntimeError(f"a turn continues a cache after a prompt; this one is {self.phase}")
+        if self.layer_rows is not None and any(padding):
+            raise ValueError(
+                "a turn padded in some rows continues a cache whose layers keep the same "
+                "count; this prompt's policy shares its budget among the layers "
+                "(layers='pyramid'): send turns of one length per row, use layers='uniform' "
+                "for batched conversations, or a new cache per prompt"
+            )
         if self.bound is None and self.room() < tokens + room:
             self.grow(tokens + room - self.room())
         self.turn = torch.tensor(kept, dtype=torch.long, device=self.lengths.device)
@@ -306,7 +334,7 @@ class PrunedCache(Cache):
             self.ring_positions.masked_fill_(self.ring_positions >= self.seen, -1)
         for layer in self.pruned:
             if layer.images is not None:
-                clear_images_from(layer.images, self.lengths)
+                clear_images_from(layer.images, layer.lengths)
 
     @property
     def kept_prompt(self) -> list[int]:
@@ -324,18 +352,32 @@ class PrunedCache(Cache):
             real, kept, padding = self.pending
             self.lengths.add_(self.turn)
             self.rows = [n + k for n, k in zip(self.rows, kept, strict=True)]
+            if self.layer_rows is not None:  # (every layer keeps the turn's count)
+                lengths = [layer.lengths for layer in self.pruned]
+                torch._foreach_add_(lengths, [self.turn] * len(lengths))
+                self.layer_rows = [
+                    [n + k for n, k in zip(rows, kept, strict=True)] for rows in self.layer_rows
+                ]
             self.turns.append((real, kept))
             self.padding = [a + b for a, b in zip(self.padding, padding, strict=True)]
             self.turn = self.pending = None
         elif self.phase == "decode":
             self.lengths.add_(new_tokens)
             self.rows = [n + new_tokens for n in self.rows]
+            if self.layer_rows is not None:
+                torch._foreach_add_([layer.lengths for layer in self.pruned], new_tokens)
+                self.layer_rows = [[n + new_tokens for n in rows] for rows in self.layer_rows]
         self.seen.add_(new_tokens)
         self.phase = "decode"
 
     def room(self) -> int:
         """How many more tokens fit (the tightest row): in the decode capacity, or under the
         bound (the buffers may be longer, rounded up to whole flex blocks)."""
+        if self.layer_rows is not None:  # (unbounded)
+            return min(
+                layer.keys.shape[2] - int(self.null_slot) - max(rows)
+                for layer, rows in zip(self.pruned, self.layer_rows, strict=True)
+            )
         slots = self.pruned[0].keys.shape[2] - int(self.null_slot)
         return (slots if self.bound is None else min(slots, self.bound)) - self.longest
 
@@ -363,9 +405,10 @@ class PrunedCache(Cache):
 
     # --- inside the compiled graph -----------------------------------------------------------
     def write_decode(self, layer: PrunedLayer, key_states: Tensor, value_states: Tensor):
-        """Write ``t`` new tokens at slots ``lengths[b] + [0, t)``; return the whole buffers."""
+        """Write ``t`` new tokens at slots ``lengths[b] + [0, t)`` (the layer's); return the
+        whole buffers."""
         write_decode_op(
-            layer.keys, layer.values, layer.positions, key_states, value_states, self.lengths,
+            layer.keys, layer.values, layer.positions, key_states, value_states, layer.lengths,
             self.seen,
         )  # fmt: skip
         return layer.keys, layer.values

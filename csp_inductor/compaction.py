@@ -96,7 +96,8 @@ def compact(
     - ``keys_out``/``values_out`` (b, hkv, capacity, d) and ``positions_out`` (b, hkv,
       capacity): the cache's buffers; the kept tokens go to their first K slots, with their
       absolute positions (-1 = unused);
-    - ``lengths`` (b,): what the cache was allocated for; a different count is an error;
+    - ``lengths`` (b,): what the layer's cache was allocated for (the policy's count, or the
+      layer's own: :meth:`Policy.layer_counts`); a different count is an error;
     - ``policy`` () long: the policy's index (:mod:`csp_inductor.policy_table`);
     - ``score_key`` (b, hkv, L, d'): the keys the policy scores ``query`` against when they are
       not the stored ones (an MLA layer stores its latent and scores with it joined to its
@@ -122,9 +123,11 @@ def compact(
             window_scores = _scores_from_lse(
                 chosen, query, scored, is_image, key_padding, lse, scale
             )
+        # a layer of its own count (Policy.layer_counts) is told it
+        kept = None if chosen.layer_rule == "uniform" else lengths.tolist()
         idx = chosen.select(
             query, scored, is_image, key_padding, scale=scale, window_scores=window_scores,
-            scores=scores,
+            scores=scores, kept=kept,
         )  # fmt: skip
     counts = (idx >= 0).sum(dim=-1)
     if not torch.equal(counts, lengths[:, None].expand_as(counts)):

@@ -170,7 +170,7 @@ def _prefill_attention(step, module, query, key, value, attention_mask, scale) -
         if layer.spec.latent:  # store the latents
             (key, value), layer.prompt = layer.prompt, None
         _compact(
-            step, module, layer, query, key, value, scale, cache.lengths, lse,
+            step, module, layer, query, key, value, scale, layer.lengths, lse,
             window_scores=window_scores,
         )  # fmt: skip
     return out
@@ -188,10 +188,11 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
     padding_slots = step.padding_slots if step.as_turn else None
     block_mask = None
     if step.kernel == "flex":
-        block_mask = step.block_masks[source if window or chunk else None]
+        masks = step.block_masks  # a layer's own, or the global layers' shared one
+        block_mask = masks[source] if source in masks else masks[None]
     with label(DECODE_ATTENTION):
         out = decode_attention(
-            query, key, value, lengths=cache.lengths, positions=layer.positions, seen=cache.seen,
+            query, key, value, lengths=layer.lengths, positions=layer.positions, seen=cache.seen,
             scale=scale, sliding_window=window, kernel=step.kernel, block_mask=block_mask,
             null_logit=step.null_logit, chunk=chunk, starts=cache.starts,
             padding_slots=padding_slots,
@@ -199,7 +200,7 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
     if step.reread is not None:
         reread = step.reread
         reconstruct_scores_op(
-            reread.scores[index], query, key, layer.images, cache.lengths, step.padding_slots,
+            reread.scores[index], query, key, layer.images, layer.lengths, step.padding_slots,
             reread.scored, reread.is_image, reread.policy.window_n, scale,
             reread.reconstruction.reduce == "max",
         )  # fmt: skip
@@ -257,7 +258,7 @@ def _compact(
             scores = step.scorer.layer_scores(module, inputs, key, value)
     if layer.spec.latent:
         query, score_key = absorb(module, query, key, value)
-    start, offset = (cache.lengths, cache.seen) if turn else (None, None)
+    start, offset = (layer.lengths, cache.seen) if turn else (None, None)
     compact_op(
         query, key, value, step.is_image, step.padding, layer.keys, layer.values,
         layer.positions, kept, step.keep, scale, score_key, lse, start, offset,

@@ -119,7 +119,10 @@ def masked_oracle(module, query, key, value, attention_mask, scaling=None, **kwa
     return out.transpose(1, 2).contiguous(), None
 
 
-@pytest.mark.parametrize("policy", [CSP(), SnapKV(), H2O(budget=0.3)], ids=repr)
+COMPACTED = [CSP(), SnapKV(), H2O(budget=0.3), CSP(layers="pyramid"), SnapKV(layers="pyramid")]
+
+
+@pytest.mark.parametrize("policy", COMPACTED, ids=repr)
 def test_compaction_equals_masking(policy):
     inputs = prompt([30, 25, 40, 10], seed=5)
     steps = 6
@@ -135,19 +138,23 @@ def test_compaction_equals_masking(policy):
         out = model(input_ids=tok, attention_mask=mask, past_key_values=cache)
         ours.append(out.logits[:, -1])
     seq = inputs["input_ids"].shape[1]
-    kept = cache.kept_prompt[0]
+    kept = [int(layer.lengths[0]) - steps for layer in cache.pruned]  # each layer's own
+    if policy.layer_rule != "uniform":
+        assert len(set(kept)) == len(kept), kept
+    assert sum(kept) == len(kept) * policy.budget_for(seq).kept
     csp_inductor.restore(model)
     # the oracle: full cache, unpruned prefill, pruned positions masked at decode
     AttentionInterface.register(ORACLE, masked_oracle)
     model.set_attn_implementation({"text_config": ORACLE})
-    for layer, attn in zip(cache.layers, _attention_modules(model), strict=True):
-        pos = layer.positions[:, :, :kept]
+    modules = _attention_modules(model)
+    for layer, attn, held in zip(cache.layers, modules, kept, strict=True):
+        pos = layer.positions[:, :, :held]
         attn.csp_oracle_keep = torch.zeros(1, pos.shape[1], seq, dtype=torch.bool).scatter_(
             2, pos, True
         )
         # positions are absolute: the kept prompt slots hold their original positions
         assert pos.min() >= 0 and pos.max() < seq
-        decoded = layer.positions[:, :, kept : kept + steps]
+        decoded = layer.positions[:, :, held : held + steps]
         assert torch.equal(decoded[0, 0], torch.arange(seq, seq + steps))
     out = model(**inputs)
     cache_full = out.past_key_values

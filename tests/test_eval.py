@@ -24,6 +24,19 @@ def test_policy_specs():
         PolicySpec.parse("csp:n")
 
 
+def test_policy_lists_split_on_semicolons_when_there_are_any():
+    two = PolicySpec.parse_list("csp:layers=pyramid,n=0; snapkv:layers=pyramid")
+    assert [s.build(0.1) for s in two] == [
+        CSP(budget=0.1, window_ratio=0.05, n=0, layers="pyramid"),
+        SnapKV(budget=0.1, window_ratio=0.05, layers="pyramid"),
+    ]
+    assert [s.name for s in PolicySpec.parse_list("full,csp:layers=pyramid,snapkv")] == [
+        "full", "csp", "snapkv",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown policy 'n=0'"):
+        PolicySpec.parse_list("csp:layers=pyramid,n=0")  # two options need ';'
+
+
 def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     code = main(

@@ -31,7 +31,8 @@ def plan_prompt(
     backend: Backend, step: Step, inputs: Inputs, keep_all: bool = False, modality: bool = False
 ) -> None:
     """A prompt (or tokens without a cache): its modality, padding and row starts; with a cache,
-    each row's kept count, allocated in it. A question-agnostic policy keeps the whole prompt
+    each row's kept count (in each layer, when the policy shares its budget among them),
+    allocated in it. A question-agnostic policy keeps the whole prompt
     and re-reads it once its forward is done; a policy ranking by the layers' inputs collects
     them during the forward. ``keep_all``: nothing is pruned (a streamed prompt's first chunk
     under a bound); ``modality``: the cache stores its slots' modality (a streamed prompt
@@ -55,8 +56,15 @@ def plan_prompt(
         kept, step.keep, step.rereads = whole, backend.full_index, True
     elif policy.needs_layer_inputs and kept != whole:
         layer_inputs.collect(backend, step)
+    layer_kept = None
+    if policy.layer_rule != "uniform" and not keep_all and kept != whole:
+        rows = [policy.layer_counts(n, len(cache.pruned)) for n in whole]
+        layer_kept = [list(layer) for layer in zip(*rows, strict=True)]
+        kept = [round(sum(row) / len(row)) for row in rows]
     chunk = reread.chunk_width(backend) if rereads else 0
-    cache.start_prefill(kept, param.dtype, param.device, step.starts, pads, q_len, chunk, modality)
+    cache.start_prefill(
+        kept, param.dtype, param.device, step.starts, pads, q_len, chunk, modality, layer_kept
+    )
 
 
 def visual_tokens(backend: Backend, inputs: Inputs) -> torch.Tensor:

@@ -47,14 +47,15 @@ def block_masks(backend: Backend, step: Step, q_len: int) -> dict:
     masks = {}
     for layer in cache.pruned:
         window, chunk = layer.spec.sliding_window, layout.chunks[layer.index]
-        key = layer.index if window or chunk else None
+        own = window or chunk or cache.layer_rows is not None  # (layers of their own counts)
+        key = layer.index if own else None
         if key in masks:
             continue
         if not step.as_turn and (q_len, key) in backend.block_masks:
             masks[key] = backend.block_masks[(q_len, key)]
             continue
         masks[key] = decode_block_mask(
-            cache.lengths, layer.positions, cache.seen, window, layer.spec.q_heads, q_len,
+            layer.lengths, layer.positions, cache.seen, window, layer.spec.q_heads, q_len,
             null_slot=cache.null_slot, chunk=chunk, starts=cache.starts,
             padding_slots=step.padding_slots if step.as_turn else None,
         )  # fmt: skip

@@ -63,7 +63,8 @@ class Step:
     starts: Tensor | None = None  # (b,) each row's left padding (a prefill)
     # (b, capacity) the padding tokens' slots in the buffers (a turn or a re-read chunk)
     padding_slots: Tensor | None = None
-    # flex block masks by layer (None: the global layers' shared one), decode, turn, re-read
+    # flex block masks by layer (None: the global layers' shared one, where they keep the same
+    # count), decode, turn, re-read
     block_masks: dict[int | None, object] = field(default_factory=dict)
     keep: Tensor | None = None  # () the policy index a prompt's or turn's compaction keeps by
     # a policy that scores from the layers' own inputs: those inputs, collected by hooks

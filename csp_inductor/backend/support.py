@@ -27,6 +27,19 @@ def why_unsupported(
         or _why_not_reread(policy, model_name, layout, latent, bound)
         or _why_not_layer_inputs(policy, model_name, latent, bound)
         or _why_not_streamed(policy, model_name, layout, bound, chunk)
+        or _why_not_by_layer(policy, bound, chunk)
+    )
+
+
+def _why_not_by_layer(policy: Policy, bound: int | None, chunk: int | None) -> str | None:
+    """Layers of their own counts hold a prompt pruned once, at its prefill: not a bounded
+    cache's re-prunes nor a streamed prompt's."""
+    if policy.layer_rule == "uniform" or (bound is None and chunk is None):
+        return None
+    option = "max_cache_tokens" if bound is not None else "prefill_chunk"
+    return (
+        f"layers={policy.layer_rule!r} is not supported with {option}: re-pruning a cache "
+        "keeps the same count in every layer; use layers='uniform'"
     )
 
 

@@ -79,6 +79,14 @@ class PolicySpec:
             options.append((key, _literal(value)))
         return cls(name, tuple(options))
 
+    @classmethod
+    def parse_list(cls, text: str) -> list[PolicySpec]:
+        """Policies separated by ``;`` (each may then take several options,
+        ``csp:scoring=reconstruct,window_ratio=0.02;kvzip``), or by ``,`` when the text has no
+        ``;`` (each then takes one option at most: ``full,csp:layers=pyramid,snapkv``)."""
+        items = text.split(";") if ";" in text else text.split(",")
+        return [cls.parse(item) for item in items if item.strip()]
+
     @property
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)
@@ -215,7 +223,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m csp_inductor eval", description=__doc__)
     p.add_argument("--bench", choices=("visualhaystack", "milebench"), default="visualhaystack")
     p.add_argument("--model", default=str(hs.BUILTIN_MODEL_PATH), help="local HF model dir")
-    p.add_argument("--policies", default="full,csp,snapkv,h2o,lookm,streamingllm")
+    p.add_argument(
+        "--policies",
+        default="full,csp,snapkv,h2o,lookm,streamingllm",
+        help="name[:key=value,...] separated by ';' (or by ',' when each has one option at "
+        "most), e.g. 'csp:layers=pyramid,n=0;snapkv:layers=pyramid'",
+    )
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.4")
     p.add_argument("--samples", type=int, default=25, help="per task (milebench: per dataset)")
     p.add_argument("--seed", type=int, default=1234)
@@ -264,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    specs = [PolicySpec.parse(s) for s in args.policies.split(",") if s.strip()]
+    specs = PolicySpec.parse_list(args.policies)
     budgets = [float(b) for b in args.budgets.split(",")]
     for b in budgets:
         if not 0 < b <= 1:

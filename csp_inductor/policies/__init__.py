@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from .base import (
+    LAYER_RULES,
     REREAD_WINDOW,
     SCORINGS,
     Full,
@@ -50,6 +51,7 @@ def make_policy(name: str, **options: object) -> Policy:
 __all__ = [
     "CSP",
     "H2O",
+    "LAYER_RULES",
     "POLICIES",
     "REREAD_WINDOW",
     "SCORINGS",

@@ -17,14 +17,14 @@ Each sequence gets its own budget from its own unpadded length. A baseline only 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import selection
-from ..budget import Budget, split_budget
+from ..budget import Budget, allocate, pyramid_weights, split_budget
 from ..labels import SCORING, label
 from ..scoring import decomposed_scores
 
@@ -32,6 +32,9 @@ SCORINGS = ("window", "reconstruct")
 # the recent tokens a question-agnostic policy keeps by default (a fraction of the prompt): it
 # has no question at the prompt's end to keep close (measured: README, conversations)
 REREAD_WINDOW = 0.01
+# how a policy shares its budget among the layers (``layers=``): the same count in every layer,
+# or PyramidKV's, more in the first layers and less in the last
+LAYER_RULES = ("uniform", "pyramid")
 
 
 class ScoringWindow(NamedTuple):
@@ -118,6 +121,23 @@ def _keep_all_as_recent(budget: Budget) -> Budget:
     return Budget(n, hh=0, window=0, recent=n, k=0, k_self=0, k_cross=0, keep_all=True)
 
 
+def _all_kept(budget: Budget, k: int) -> bool:
+    """Whether ``k`` ranked tokens beside ``budget``'s recent ones are the whole sequence."""
+    return budget.recent + k >= budget.length
+
+
+def _check_layers(policy: Policy) -> None:
+    """The ``layers`` option: a rule of :data:`LAYER_RULES`, for a policy scored at prefill."""
+    if policy.layers not in LAYER_RULES:
+        raise ValueError(f"layers must be one of {LAYER_RULES}, got layers={policy.layers!r}")
+    if policy.layers != "uniform" and policy.reconstruction is not None:
+        raise ValueError(
+            f"layers={policy.layers!r} is not supported with a question-agnostic policy (one "
+            f"that re-reads the prompt: {type(policy).__name__} with scoring by "
+            "reconstruction); supported: policies scored at prefill"
+        )
+
+
 def _real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -142,6 +162,41 @@ class Policy:
     def budget_for(self, length: int) -> Budget:
         """The budget of one sequence with ``length`` real prompt tokens."""
         raise NotImplementedError
+
+    @property
+    def layer_rule(self) -> str:
+        """How the budget is shared among the layers (:data:`LAYER_RULES`; the ``layers``
+        option of the policies that take it, else ``"uniform"``)."""
+        return getattr(self, "layers", "uniform")
+
+    def layer_counts(self, length: int, layers: int) -> list[int]:
+        """Kept tokens of a ``length``-token sequence in each of ``layers`` layers. Every layer
+        keeps the recent tokens of :meth:`budget_for`; its score-ranked tokens, ``layers · k``
+        in all, are shared out by :attr:`layer_rule` (none above the tokens there are to rank),
+        so the layers keep what a uniform policy keeps in total."""
+        budget = self.budget_for(length)
+        if self.layer_rule == "uniform" or budget.keep_all:
+            return [budget.kept] * layers
+        ranked = allocate(budget.k * layers, pyramid_weights(layers), length - budget.recent)
+        return [budget.recent + k for k in ranked]
+
+    def budget_kept(self, length: int, kept: int) -> Budget:
+        """The budget of a ``length``-token sequence in a layer that keeps ``kept`` tokens
+        (:meth:`layer_counts`): :meth:`budget_for`'s recent tokens, the rest ranked."""
+        budget = self.budget_for(length)
+        if kept == budget.kept:
+            return budget
+        k = kept - budget.recent
+        if budget.keep_all or not 0 <= k <= length - budget.recent:
+            raise ValueError(
+                f"{self!r} keeps {budget.kept} of {length} tokens ({budget.recent} recent); a "
+                f"layer cannot keep kept={kept} of them"
+            )
+        return self._ranked(budget, k)
+
+    def _ranked(self, budget: Budget, k: int) -> Budget:
+        """``budget`` with ``k`` score-ranked tokens (a single quota)."""
+        return replace(budget, hh=k, k=k, k_self=k, k_cross=0, keep_all=_all_kept(budget, k))
 
     @property
     def reconstruction(self) -> Reconstruction | None:
@@ -179,14 +234,17 @@ class Policy:
         scale: float | None = None,
         window_scores: Tensor | None = None,
         scores: Tensor | None = None,
+        kept: list[int] | None = None,
     ) -> Tensor:
         """Kept prompt positions per KV head (see the module docstring for shapes).
 
         ``window_scores`` (batch, kv_heads, 2, seq): the scores of the last
         :meth:`scoring_window` queries with :attr:`window_n`, when the caller computed them
         already (the prefill does, from its attention kernel's log-sum-exp). ``scores``
-        (batch, kv_heads, seq): what a policy that :attr:`needs_layer_inputs` ranks by."""
-        prompt = self._prompt(q, k, is_image, key_padding, scale)
+        (batch, kv_heads, seq): what a policy that :attr:`needs_layer_inputs` ranks by.
+        ``kept``: each row's kept count in this layer, when the layers keep different counts
+        (:meth:`layer_counts`; None: :meth:`budget_for`'s)."""
+        prompt = self._prompt(q, k, is_image, key_padding, scale, kept)
         if all(b.keep_all for b in prompt.budgets):
             return prompt.real()
         order = _packing(key_padding)
@@ -247,13 +305,18 @@ class Policy:
         raise NotImplementedError
 
     def _budgets(
-        self, seq: int, key_padding: Tensor | None, batch: int
+        self, seq: int, key_padding: Tensor | None, batch: int, kept: list[int] | None = None
     ) -> tuple[list[int], list[Budget]]:
-        """Each row's padding and budget (``batch`` rows of no padding without a mask)."""
+        """Each row's padding and budget (``batch`` rows of no padding without a mask), of
+        ``kept[b]`` tokens when given."""
         pads = [0] * batch if key_padding is None else key_padding.sum(dim=1).tolist()
-        return pads, [_keep_all_as_recent(self.budget_for(seq - p)) for p in pads]
+        if kept is None:
+            budgets = [self.budget_for(seq - p) for p in pads]
+        else:
+            budgets = [self.budget_kept(seq - p, n) for p, n in zip(pads, kept, strict=True)]
+        return pads, [_keep_all_as_recent(b) for b in budgets]
 
-    def _prompt(self, q, k, is_image, key_padding, scale) -> Prompt:
+    def _prompt(self, q, k, is_image, key_padding, scale, kept=None) -> Prompt:
         if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
             raise ValueError(
                 "q must be (batch, q_heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim) "
@@ -266,7 +329,7 @@ class Policy:
                     f"{mask_name} must be a bool tensor of shape (batch, seq) = {(b, seq)}, got "
                     f"shape={tuple(mask.shape)} dtype={mask.dtype}"
                 )
-        pads, budgets = self._budgets(seq, key_padding, b)
+        pads, budgets = self._budgets(seq, key_padding, b, kept)
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         return Prompt(q, k, is_image, key_padding, scale, pads, budgets)
 
@@ -304,14 +367,17 @@ def _permute(x: Tensor, order: Tensor, dim: int) -> Tensor:
 class ScoredPolicy(Policy):
     """A baseline that ranks tokens by one score: keep the top ``k`` of ``[pad, seq - W)`` plus
     the last ``W`` tokens, with ``k = int(L·(budget − window_ratio))`` and
-    ``W = int(L·window_ratio)`` as for CSP, so every policy keeps the same count."""
+    ``W = int(L·window_ratio)`` as for CSP, so every policy keeps the same count; ``layers``
+    shares it among the layers as for :class:`~csp_inductor.policies.CSP`."""
 
     budget: float = 0.2
     window_ratio: float = 0.1
+    layers: str = field(default="uniform", kw_only=True)
 
     def __post_init__(self) -> None:
         _check_range("budget", self.budget, 0.0, 1.0, lo_open=True)
         _check_range("window_ratio", self.window_ratio, 0.0, self.budget, lo_open=True)
+        _check_layers(self)
 
     def budget_for(self, length: int) -> Budget:
         # one ranked quota: all of k is the "self" share

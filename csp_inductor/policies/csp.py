@@ -4,7 +4,7 @@ modality, and the self and cross quotas filled from the two scores (CSP_SPEC.md)
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -18,6 +18,8 @@ from .base import (
     Policy,
     Prompt,
     Reconstruction,
+    _all_kept,
+    _check_layers,
     _check_range,
     _real,
     _window_scores,
@@ -43,6 +45,11 @@ class CSP(Policy):
             at the prompt's end, steers what is kept) or ``"reconstruct"`` (question-agnostic:
             the queries of a re-reading of the prompt score it, :class:`Reconstruction`; a
             conversation turn is still scored by its window).
+        layers: how the budget is shared among the layers (keyword only): ``"uniform"``
+            (the same count in every layer) or ``"pyramid"`` (PyramidKV: the score-ranked
+            tokens from ``2 - 1/20`` times the mean in the first layer down to ``1/20`` of it
+            in the last; every layer keeps the recent tokens, and the layers together keep
+            what ``"uniform"`` keeps). Each layer's cache holds its own count.
     """
 
     name: ClassVar[str] = "csp"
@@ -54,6 +61,7 @@ class CSP(Policy):
     faithful: bool = False
     recent_bias: float = 1.0
     scoring: str = "window"
+    layers: str = field(default="uniform", kw_only=True)
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -70,6 +78,12 @@ class CSP(Policy):
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(
                 f"sink_tokens must be an int >= 0, got sink_tokens={self.sink_tokens!r}"
+            )
+        _check_layers(self)
+        if self.faithful and self.layers != "uniform":
+            raise ValueError(
+                f"faithful=True reproduces the authors' code, which keeps the same count in "
+                f"every layer; got layers={self.layers!r}"
             )
         if self.faithful and self.sink_tokens:
             raise ValueError(
@@ -102,6 +116,12 @@ class CSP(Policy):
             length, self.budget, self.window_ratio, self.cross_ratio, self.recent_bias,
             self.faithful,
         )  # fmt: skip
+
+    def _ranked(self, budget: Budget, k: int) -> Budget:
+        k_cross = int(k * self.cross_ratio)
+        return replace(
+            budget, hh=k, k=k, k_self=k - k_cross, k_cross=k_cross, keep_all=_all_kept(budget, k)
+        )
 
     def quotas(self, prompt: Prompt) -> list[tuple[int, int]]:
         """(k_self, k_cross) per sequence; a sequence without image tokens puts its whole
