@@ -12,7 +12,10 @@ image-heavy prompt of ``CSP_BENCH_TOKENS_CONTEXT`` tokens (default 8192). Provid
   under ``SnapKVPress(compression_ratio=1 - budget)``, kvpress's hooks pruning the prompt in
   transformers' own cache, as its users run it;
 - ``csp_eager``: ``csp_inductor.compile(model, CSP(budget), compile=False)``;
-- ``csp``: ``csp_inductor.compile(model, CSP(budget))`` (compiled, the default).
+- ``csp``: ``csp_inductor.compile(model, CSP(budget))`` (compiled, the default);
+- ``csp_<rule>`` for each rule of ``CSP_BENCH_TOKENS_LAYERS`` (e.g. ``pyramid,adaptive``;
+  default none): ``CSP(budget, layers=rule)``, compiled: the same total budget shared among
+  the layers; its ratio to ``csp`` (``vs_uniform``) is the cost of layers of their own counts.
 
 Each round runs one ``generate`` of ``CSP_BENCH_TOKENS_NEW`` tokens per provider, in turn; a
 logits processor stamps every token and a round's figure is the median gap between
@@ -56,6 +59,7 @@ NEW = env_int("CSP_BENCH_TOKENS_NEW", 32)
 ROUNDS = env_int("CSP_BENCH_TOKENS_ROUNDS", 3)
 BUDGET = float(os.environ.get("CSP_BENCH_BUDGET", "0.2"))
 THREADS = env_ints("CSP_BENCH_TOKENS_THREADS", "0,1")
+LAYER_RULES = [r for r in os.environ.get("CSP_BENCH_TOKENS_LAYERS", "").split(",") if r]
 MODELS = [
     tuple(int(x) for x in shape.split(","))
     for shape in os.environ.get("CSP_BENCH_TOKENS_MODELS", "512,4,8,8;1024,4,16,4").split(";")
@@ -113,6 +117,9 @@ def _run(benchmark, shape):
         presses["kvpress"] = kvpress.SnapKVPress(compression_ratio=1 - BUDGET)
     for name, compiled in (("csp_eager", False), ("csp", True)):
         models[name] = csp_inductor.compile(long_context_llava(*shape), policy, compile=compiled)
+    for rule in LAYER_RULES:
+        by_layer = csp_inductor.CSP(budget=BUDGET, layers=rule)
+        models[f"csp_{rule}"] = csp_inductor.compile(long_context_llava(*shape), by_layer)
     prompt = image_heavy_prompt(full, CONTEXT)
     kept = policy.budget_for(prompt["input_ids"].shape[1]).kept
     inputs = {name: prompt for name in models}
@@ -140,6 +147,9 @@ def _run(benchmark, shape):
     lengths = {name: int(x["input_ids"].shape[1]) for name, x in inputs.items()}
     kv_tokens = {"full": lengths["full"], "kept": lengths["kept"], "csp_eager": capacity,
                  "csp": capacity}  # fmt: skip
+    for rule in LAYER_RULES:  # the layers' buffers, per layer on average
+        layers = models[f"csp_{rule}"].csp_backend.cache.pruned
+        kv_tokens[f"csp_{rule}"] = sum(layer.keys.shape[2] for layer in layers) / len(layers)
     if "kvpress" in models:
         kv_tokens["kvpress"] = _held_by_press(full, prompt, presses["kvpress"])
     result = {}
@@ -162,6 +172,10 @@ def _run(benchmark, shape):
             result[name]["prefill_vs_full"] = statistics.median(
                 p / f for p, f in zip(prefills[name], prefills["full"], strict=True)
             )
+    for rule in LAYER_RULES:
+        result[f"csp_{rule}"]["vs_uniform"] = statistics.median(
+            t / u for t, u in zip(times[f"csp_{rule}"], times["csp"], strict=True)
+        )
     result["csp"]["speedup_vs_eager"] = statistics.median(
         e / c for e, c in zip(times["csp_eager"], times["csp"], strict=True)
     )

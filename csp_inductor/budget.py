@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 # The authors' debug leftover: cross_ratio <= 0 forces these quotas whatever L is.
 AUTHORS_ZERO_CROSS_QUOTAS = (1, 308)  # (k_cross, k_self)
-# PyramidKV's beta: the last layer keeps 1/beta of the mean score-ranked tokens per layer
-PYRAMID_BETA = 20.0
 
 
 @dataclass(frozen=True)
@@ -109,44 +107,3 @@ def split_count(length: int, kept: int, window_ratio: float, cross_ratio: float 
         length=length, hh=k, window=window, recent=window, k=k, k_self=k - k_cross,
         k_cross=k_cross, keep_all=kept >= length or window == 0,
     )  # fmt: skip
-
-
-def allocate(total: int, weights: list[float], cap: int) -> list[int]:
-    """``total`` tokens shared out among ``len(weights)`` parts in proportion to ``weights``
-    (each ≥ 0, not all 0), none above ``cap``: a part whose share would pass the cap gets the
-    cap and the rest is shared again among the others (equally, when they all weigh 0); the
-    shares are then rounded by largest
-    remainder (ties to the earlier part). The parts sum to ``min(total, cap · parts)``
-    exactly."""
-    if total < 0 or cap < 0 or not weights or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(
-            f"allocate needs total >= 0, cap >= 0 and weights >= 0 with a positive sum; got "
-            f"total={total}, cap={cap}, weights={weights}"
-        )
-    parts = len(weights)
-    out, free, left = [0] * parts, list(range(parts)), min(total, cap * parts)
-    while True:
-        weight = sum(weights[i] for i in free)
-        # (parts of weight 0 share what the others could not hold equally)
-        share = {i: left * (weights[i] / weight if weight else 1 / len(free)) for i in free}
-        full = [i for i in free if share[i] >= cap]
-        if not full:
-            break
-        for i in full:
-            out[i], left = cap, left - cap
-            free.remove(i)
-    for i in free:
-        out[i] = int(share[i])
-    short = left - sum(out[i] for i in free)
-    for i in sorted(free, key=lambda i: share[i] - out[i], reverse=True)[:short]:
-        out[i] += 1
-    return out
-
-
-def pyramid_weights(layers: int, beta: float = PYRAMID_BETA) -> list[float]:
-    """PyramidKV's shares of a budget over ``layers`` layers, first to last: linear, from
-    ``2 - 1/beta`` times the mean in the first layer to ``1/beta`` times it in the last."""
-    if layers == 1:
-        return [1.0]
-    top, bottom = 2 - 1 / beta, 1 / beta
-    return [top - (top - bottom) * i / (layers - 1) for i in range(layers)]

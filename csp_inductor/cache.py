@@ -30,7 +30,7 @@ its tokens are written like decode tokens (its attention sees the kept prefix an
 causally), and the backend then compacts the turn's kept tokens in place after the prefix.
 A question-agnostic policy keeps the whole prompt at prefill; ``phase == "reread"`` while
 chunks of the prompt are re-read to score it: written like decode tokens, never kept
-(``lengths``/``seen`` stay), and the prompt is then pruned in place (:meth:`finish_reread`).
+(``lengths``/``seen`` stay), and the prompt is then pruned in place (:meth:`finish_prompt`).
 ``lengths``/``seen`` advance in :meth:`advance`, outside the compiled graph, once per forward;
 being tensors updated in place, they never cause a recompilation.
 """
@@ -227,7 +227,7 @@ class PrunedCache(Cache):
         ``starts`` (batch,) the rows' left padding (None: none), ``padding`` the rows'
         padding tokens (None: none), ``tokens`` the prompt's length (None: as kept).
         ``reread`` > 0: the prompt is kept whole, then re-read ``reread`` tokens at a time
-        and pruned (:meth:`finish_reread`); the slots' modality is stored for it (and with
+        and pruned (:meth:`finish_prompt`); the slots' modality is stored for it (and with
         ``modality``: a streamed prompt whose later chunks are re-read)."""
         if self.phase != "empty":
             raise RuntimeError(
@@ -273,34 +273,46 @@ class PrunedCache(Cache):
         """Buffer length for ``slots`` tokens: the null slot added, whole flex blocks."""
         return -(-(slots + int(self.null_slot)) // self.align) * self.align
 
-    def finish_reread(self, kept: list[int]) -> None:
-        """After a re-read prompt was pruned in place to ``kept[b]`` tokens per row: record
-        them and give the buffers back, down to the kept tokens and the decode room."""
+    def finish_prompt(self, kept: list[int], layer_kept: list[list[int]] | None = None) -> None:
+        """After a prompt held whole (re-read) or over-kept (``layers="adaptive"``) was pruned
+        in place to ``kept[b]`` tokens per row (to
+        ``layer_kept[j][b]`` in the ``j``-th pruned layer, when the layers keep different
+        counts; ``kept`` then their mean): record them and give the buffers back, down to the
+        kept tokens and the decode room."""
         self.turns[0] = (self.turns[0][0], list(kept))
-        self.pruned_to(kept)
+        self.pruned_to(kept, layer_kept)
         self.fit(self.decode_capacity)
 
-    def pruned_to(self, kept: list[int]) -> None:
-        """After the held tokens were pruned in place to ``kept[b]`` per row: record them, and
-        clear the slots after them."""
+    def pruned_to(self, kept: list[int], layer_kept: list[list[int]] | None = None) -> None:
+        """After the held tokens were pruned in place to ``kept[b]`` per row (or each layer's
+        to its own ``layer_kept[j][b]``, from then on: see :meth:`finish_prompt`): record them,
+        and clear the slots after them."""
+        if layer_kept is not None:
+            self.layer_rows = [list(rows) for rows in layer_kept]
+            for layer, rows in zip(self.pruned, layer_kept, strict=True):
+                layer.lengths = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+            kept = [max(rows) for rows in zip(*layer_kept, strict=True)]
         self.lengths.copy_(torch.tensor(kept, dtype=torch.long))
         self.rows = list(kept)
-        capacity = self.pruned[0].keys.shape[2]
-        free = torch.arange(capacity, device=self.lengths.device) >= self.lengths[:, None, None]
         for layer in self.pruned:
+            slots = torch.arange(layer.keys.shape[2], device=self.lengths.device)
+            free = slots >= layer.lengths[:, None, None]
             layer.positions.masked_fill_(free, -1)
             for buffer in (layer.keys, layer.values):  # the null slot among them: K = V = 0
                 buffer.masked_fill_(free[..., None], 0)
+            if layer.images is not None:
+                layer.images.masked_fill_(free, False)
         self._mark_null_slot()
         self.phase = "decode"
 
     def fit(self, room: int) -> None:
-        """Give the buffers back down to the longest row and ``room`` more slots (no-op when
-        they are no longer than that)."""
-        capacity = self._capacity(self.longest + room)
-        if capacity >= self.pruned[0].keys.shape[2]:
-            return
-        for layer in self.pruned:
+        """Give each layer's buffers back down to its longest row and ``room`` more slots
+        (no-op for a layer no longer than that)."""
+        counts = self.layer_rows or [self.rows] * len(self.pruned)
+        for layer, rows in zip(self.pruned, counts, strict=True):
+            capacity = self._capacity(max(rows) + room)
+            if capacity >= layer.keys.shape[2]:
+                continue
             for name in ("keys", "values", "positions", "images"):
                 if getattr(layer, name) is not None:
                     setattr(layer, name, getattr(layer, name)[:, :, :capacity].clone())
@@ -313,13 +325,6 @@ class PrunedCache(Cache):
         (a bounded cache has been given room by its backend: it never grows)."""
         if self.phase != "decode":
             raise RuntimeError(f"a turn continues a cache after a prompt; this one is {self.phase}")
-        if self.layer_rows is not None and any(padding):
-            raise ValueError(
-                "a turn padded in some rows continues a cache whose layers keep the same "
-                "count; this prompt's policy shares its budget among the layers "
-                "(layers='pyramid'): send turns of one length per row, use layers='uniform' "
-                "for batched conversations, or a new cache per prompt"
-            )
         if self.bound is None and self.room() < tokens + room:
             self.grow(tokens + room - self.room())
         self.turn = torch.tensor(kept, dtype=torch.long, device=self.lengths.device)

@@ -87,6 +87,7 @@ def compact(
     images_out: Tensor | None = None,
     scores: Tensor | None = None,
     window_scores: Tensor | None = None,
+    scores_out: Tensor | None = None,
 ) -> None:
     """Select the kept prompt tokens of one layer and write them, compacted, into the cache.
 
@@ -112,7 +113,10 @@ def compact(
     - ``scores`` (b, hkv, L): what a policy that needs the layer's inputs ranks by
       (:attr:`Policy.needs_layer_inputs`), computed by the caller;
     - ``window_scores`` (b, hkv, 2, L) fp32: what :func:`window_prefill` computed for the same
-      policy, read when the policy scores this prompt's window.
+      policy, read when the policy scores this prompt's window;
+    - ``scores_out`` (b, hkv, 2, L) fp32: the window scores the policy ranked by are written
+      here, for a layer whose count is known only after the prefill (``layers="adaptive"``,
+      :mod:`csp_inductor.backend.adaptive`).
     """
     chosen = policy_at(policy)
     scored = key if score_key is None else score_key
@@ -123,6 +127,10 @@ def compact(
             window_scores = _scores_from_lse(
                 chosen, query, scored, is_image, key_padding, lse, scale
             )
+        if scores_out is not None:
+            if window_scores is None:
+                window_scores = chosen.window_scores(query, scored, is_image, key_padding, scale)
+            scores_out.copy_(window_scores)
         # a layer of its own count (Policy.layer_counts) is told it
         kept = None if chosen.layer_rule == "uniform" else lengths.tolist()
         idx = chosen.select(

@@ -19,7 +19,7 @@ computes it (:mod:`~csp_inductor.scoring`, :mod:`~csp_inductor.compaction`,
   fp32, its window rows computed once for both
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
   positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?, images_out!?,
-  scores?, window_scores?)``: prefill (or a conversation turn's) selection + compaction into
+  scores?, window_scores?, scores_out!?)``: prefill (or a conversation turn's) selection + compaction into
   the cache buffers
 - ``csp_inductor::reconstruct_scores_``: a re-read chunk's attention folded into the held
   tokens' scores, in place
@@ -104,7 +104,7 @@ def _(query, key, value, is_image, key_padding, policy, scale):
 
 @torch.library.custom_op(
     "csp_inductor::compact_",
-    mutates_args=("keys_out", "values_out", "positions_out", "images_out"),
+    mutates_args=("keys_out", "values_out", "positions_out", "images_out", "scores_out"),
 )
 def compact_op(
     query: Tensor,
@@ -125,11 +125,13 @@ def compact_op(
     images_out: Tensor | None = None,
     scores: Tensor | None = None,
     window_scores: Tensor | None = None,
+    scores_out: Tensor | None = None,
 ) -> None:
     """One layer's kept prompt tokens into the cache: :func:`.compaction.compact`."""
     compact(
         query, key, value, is_image, key_padding, keys_out, values_out, positions_out, lengths,
         policy, scale, score_key, lse, start, offset, images_out, scores, window_scores,
+        scores_out,
     )  # fmt: skip
 
 

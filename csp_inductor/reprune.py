@@ -107,9 +107,12 @@ def reprune(
     q_heads = heads if queries is None else queries.shape[1]
     unused = keys.new_zeros(()).expand(b, q_heads, width, keys.shape[3])  # no scorer reads it
     with label(REPRUNE):
+        # (a layer of its own count, ``Policy.layer_counts``, is told it)
+        own = None if chosen.layer_rule == "uniform" else kept.tolist()
         idx = chosen.select(
-            unused, frame_keys, frame_images, padding, scale=scale, window_scores=scores
-        )
+            unused, frame_keys, frame_images, padding, scale=scale, window_scores=scores,
+            kept=own,
+        )  # fmt: skip
     counts = (idx >= 0).sum(dim=-1)
     chosen_slots = idx - (shift + gone)[:, None, None]
     if not torch.equal(counts, kept[:, None].expand_as(counts)) or bool(

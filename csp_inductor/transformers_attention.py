@@ -185,7 +185,7 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
     window, chunk = layout.windows[source], layout.chunks[source]
     layer = cache.layers[source]
     _check_heads(layer.spec, query, key)
-    padding_slots = step.padding_slots if step.as_turn else None
+    padding_slots = step.padding_slots_of(source) if step.as_turn else None
     block_mask = None
     if step.kernel == "flex":
         masks = step.block_masks  # a layer's own, or the global layers' shared one
@@ -200,7 +200,7 @@ def _cached_attention(step, module, query, key, value, scale) -> Tensor:
     if step.reread is not None:
         reread = step.reread
         reconstruct_scores_op(
-            reread.scores[index], query, key, layer.images, layer.lengths, step.padding_slots,
+            reread.scores[index], query, key, layer.images, layer.lengths, padding_slots,
             reread.scored, reread.is_image, reread.policy.window_n, scale,
             reread.reconstruction.reduce == "max",
         )  # fmt: skip
@@ -262,7 +262,7 @@ def _compact(
     compact_op(
         query, key, value, step.is_image, step.padding, layer.keys, layer.values,
         layer.positions, kept, step.keep, scale, score_key, lse, start, offset,
-        layer.images, scores, window_scores,
+        layer.images, scores, window_scores, step.layer_scores.get(layer.index),
     )  # fmt: skip
 
 

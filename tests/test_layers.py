@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 import csp_inductor
 from csp_inductor import CSP, H2O, KVzip, SnapKV
-from csp_inductor.budget import allocate, pyramid_weights
+from csp_inductor import allocation
+from csp_inductor.allocation import allocate, attention_density, pyramid_weights
+from csp_inductor.backend import adaptive
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_backend import _left_padded, greedy, prompt, tiny_llava
@@ -147,8 +149,12 @@ def test_per_row_batch_equals_each_row_alone():
 
 
 def test_refusals_name_the_option():
-    with pytest.raises(ValueError, match=r"layers must be one of \('uniform', 'pyramid'\)"):
-        CSP(layers="adaptive")
+    with pytest.raises(ValueError, match=r"layers must be one of \('uniform', 'pyramid', 'adap"):
+        CSP(layers="by-head")
+    with pytest.raises(ValueError, match="layers='adaptive' reads .* H2O ranks by other"):
+        H2O(layers="adaptive")
+    with pytest.raises(ValueError, match=r"give one per layer \(3\), got density=None"):
+        CSP(layers="adaptive").layer_counts(500, 3)
     with pytest.raises(ValueError, match=r"faithful=True .* same count in every layer"):
         CSP(faithful=True, layers="pyramid")
     with pytest.raises(ValueError, match="question-agnostic"):
@@ -160,26 +166,113 @@ def test_refusals_name_the_option():
             csp_inductor.compile(tiny_llava(), CSP(layers="pyramid"), compile=False, **options)
 
 
-def test_turns_keep_their_count_in_every_layer_and_padded_turns_are_refused():
+def test_turns_keep_their_count_in_every_layer_padded_or_not():
+    """A turn after a prompt of layers of their own counts: every layer keeps the turn's
+    count; a batch's padded turn gives each row the logits it gets alone."""
     model = csp_inductor.compile(tiny_llava(), CSP(layers="pyramid"), compile=False)
-    inputs = prompt([40, 30, 20], seed=6)
-    cache = model.csp_backend.new_cache()
-    model(**inputs, past_key_values=cache)
-    before = [rows[0] for rows in cache.layer_rows]
-    turn = torch.randint(1, 90, (1, 120))
-    mask = torch.ones(1, inputs["input_ids"].shape[1] + 120, dtype=torch.long)
+    rows = [prompt([60, 25, 40, 10], seed=2), prompt([32, 20], seed=4)]
+    turns = [
+        torch.randint(1, 90, (1, n), generator=torch.Generator().manual_seed(n)) for n in (120, 70)
+    ]
+    alone = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (a text-only turn)
-        model(input_ids=turn, attention_mask=mask, past_key_values=cache)
-    kept = CSP().budget_for(120).kept
-    assert [rows[0] for rows in cache.layer_rows] == [n + kept for n in before]
-    assert [int(layer.lengths[0]) for layer in cache.pruned] == [n + kept for n in before]
+        warnings.simplefilter("ignore")  # (text-only turns)
+        for inputs, turn in zip(rows, turns, strict=True):
+            cache = model.csp_backend.new_cache()
+            model(**inputs, past_key_values=cache)
+            before = [rows[0] for rows in cache.layer_rows]
+            mask = torch.ones(1, inputs["input_ids"].shape[1] + turn.shape[1], dtype=torch.long)
+            out = model(input_ids=turn, attention_mask=mask, past_key_values=cache)
+            kept = CSP().budget_for(turn.shape[1]).kept
+            assert [rows[0] for rows in cache.layer_rows] == [n + kept for n in before]
+            assert [int(layer.lengths[0]) for layer in cache.pruned] == [n + kept for n in before]
+            alone.append(out.logits[0, -1])
+        batch = _left_padded(*rows)
+        cache = model.csp_backend.new_cache()
+        model(**batch, past_key_values=cache)
+        turn = torch.zeros(2, 120, dtype=torch.long)
+        turn[0], turn[1, 50:] = turns[0][0], turns[1][0]
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(turn)], 1)
+        mask[1, -120:-70] = 0  # row 1's turn is shorter: left-padded inside the conversation
+        out = model(input_ids=turn, attention_mask=mask, past_key_values=cache)
+    for row in range(2):  # (uniform layers differ by 1e-3 here too: the turn's padding)
+        torch.testing.assert_close(out.logits[row, -1], alone[row], atol=3e-3, rtol=0)
 
-    batch = _left_padded(prompt([30, 25, 40, 10], seed=2), prompt([12, 20], seed=4))
-    cache = model.csp_backend.new_cache()
-    model(**batch, past_key_values=cache)
-    turn = torch.randint(1, 90, (2, 9))
-    mask = torch.cat([batch["attention_mask"], torch.ones_like(turn)], 1)
-    mask[1, -9:-4] = 0  # row 1's turn is shorter: padded
-    with pytest.raises(ValueError, match="a turn padded in some rows"):
-        model(input_ids=turn, attention_mask=mask, past_key_values=cache)
+
+def test_attention_density_is_the_share_of_keys_holding_most_attention():
+    scores = torch.zeros(2, 1, 2, 10)
+    scores[0, 0, 0, :] = 1.0  # row 0: spread evenly over its 10 keys
+    scores[1, 0, 1, 7] = 5.0  # row 1: all on one key, 4 of its keys padding
+    padding = torch.zeros(2, 10, dtype=torch.bool)
+    padding[1, :4] = True
+    assert attention_density(scores, padding).tolist() == pytest.approx([0.9, 1 / 6])
+
+
+@pytest.mark.parametrize("policy", [CSP(layers="adaptive"), SnapKV(layers="adaptive")], ids=repr)
+@pytest.mark.parametrize("seed", range(3))
+def test_a_selection_at_a_smaller_count_is_a_subset(policy, seed):
+    """What the adaptive trim relies on: from the same scores, fewer kept tokens are a subset
+    of more (each row left-padded its own way)."""
+    gen = torch.Generator().manual_seed(seed)
+    seq, heads = 120, 2
+    scores = torch.rand(2, heads, 2, seq, generator=gen)
+    is_image = torch.rand(2, seq, generator=gen) < 0.6
+    padding = torch.zeros(2, seq, dtype=torch.bool)
+    padding[1, :31] = True
+    unused = torch.zeros(()).expand(2, heads, seq, 1)
+    largest = [policy.prefill_count(seq), policy.prefill_count(seq - 31)]
+    big = policy.select(unused, unused, is_image, padding, window_scores=scores, kept=largest)
+    for kept in ([13, 12], [30, 9], largest):
+        small = policy.select(unused, unused, is_image, padding, window_scores=scores, kept=kept)
+        for row in range(2):
+            for head in range(heads):
+                got = set(small[row, head][small[row, head] >= 0].tolist())
+                assert len(got) == kept[row]
+                assert got <= set(big[row, head].tolist())
+
+
+@pytest.fixture
+def fixed_density(monkeypatch):
+    """Adaptive layers of densities 3 : 1 : 2, and pyramid layers of the same weights: the
+    two allocate alike, one trimming after the prefill, the other keeping its count at it."""
+    weights = [3.0, 1.0, 2.0]
+    calls = iter(range(10**6))
+
+    def density(scores, padding):
+        return torch.full((scores.shape[0],), weights[next(calls) % 3])
+
+    monkeypatch.setattr(adaptive, "attention_density", density)
+    monkeypatch.setattr(csp_inductor.policies.base, "pyramid_weights", lambda layers: list(weights))
+    return weights
+
+
+@pytest.mark.parametrize("policy", [CSP(budget=0.15), SnapKV(budget=0.15)], ids=repr)
+def test_an_adaptive_layer_holds_what_a_prefill_at_its_count_keeps(fixed_density, policy):
+    from dataclasses import replace
+
+    batch = _left_padded(prompt([60, 25, 40, 10], seed=2), prompt([32, 20], seed=4))
+    runs = {}
+    for rule in ("adaptive", "pyramid"):
+        model = csp_inductor.compile(tiny_llava(), replace(policy, layers=rule), compile=False)
+        tokens = greedy(model, batch, 6)
+        cache = model.csp_backend.cache
+        held = [layer.positions[:, :, : max(rows)] for layer, rows in
+                zip(cache.pruned, cache.layer_rows, strict=True)]  # fmt: skip
+        runs[rule] = tokens, held, cache.layer_rows, cache.nbytes()
+    (tokens, held, rows, nbytes), want = runs["adaptive"], runs["pyramid"]
+    assert rows == want[2] and rows[0][0] > rows[2][0] > rows[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(held, want[1], strict=True))
+    assert torch.equal(tokens, want[0]) and nbytes == want[3]  # the trimmed buffers given back
+
+
+def test_compiled_adaptive_equals_eager_without_graph_breaks():
+    from torch._dynamo.utils import counters
+
+    compiled = csp_inductor.compile(tiny_llava(), SnapKV(layers="adaptive"))
+    eager = csp_inductor.compile(tiny_llava(), SnapKV(layers="adaptive"), compile=False)
+    counters.clear()
+    for inputs in (prompt([20, 30, 40, 12], seed=1), prompt([35, 9, 50, 20, 7], seed=2)):
+        assert torch.equal(greedy(compiled, inputs, 8), greedy(eager, inputs, 8))
+        assert compiled.csp_backend.cache.layer_rows == eager.csp_backend.cache.layer_rows
+    assert dict(counters["graph_break"]) == {}
+    assert compiled.csp_backend.graphs == 2  # a prefill and a decode step, for both lengths

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import csp_inductor
+from csp_inductor.allocation import attention_density
 from csp_inductor import CSP, KVzip, Oracle
 from csp_inductor.compat import LinearAttentionLayer
 from csp_inductor.policies import Reconstruction
@@ -74,7 +75,14 @@ def reference_kept(policy, inputs) -> list[torch.Tensor]:
             chunk_scores.append(torch.stack([self_, cross], dim=1))
         scores = chunk_scores if scores is None else list(map(torch.maximum, scores, chunk_scores))
     zeros = torch.zeros(1, heads, length, 8)
-    return [policy.select(zeros, zeros, is_image[None], window_scores=s[None])[0] for s in scores]
+    counts = [None] * len(scores)  # each layer's count, where the layers keep their own
+    if policy.layer_rule != "uniform":
+        density = [attention_density(s[None], None).item() for s in scores]
+        counts = [[n] for n in policy.layer_counts(length, len(scores), density)]
+    return [
+        policy.select(zeros, zeros, is_image[None], window_scores=s[None], kept=n)[0]
+        for s, n in zip(scores, counts, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.reconstruction.chunk}")
@@ -94,6 +102,32 @@ def test_reread_keeps_what_the_reference_keeps(policy):
         assert layer.positions[0, :, :kept].tolist() == expected.tolist()
         assert (layer.positions[0, :, kept:] == -1).all()  # given back: kept + decode room
     assert cache.pruned[0].keys.shape[2] == kept + 8
+
+
+LAYERED = [
+    KVzip(budget=0.3, window_ratio=0.05, layers="adaptive"),
+    CSP(budget=0.3, window_ratio=0.05, n=0.0, scoring="reconstruct", layers="adaptive"),
+    CSP(budget=0.3, window_ratio=0.05, n=0.0, scoring="reconstruct", layers="pyramid"),
+]
+
+
+@pytest.mark.parametrize("policy", LAYERED, ids=lambda p: f"{p.name}-{p.layers}")
+def test_reread_layers_keep_their_own_counts_as_the_reference(policy):
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava", seed=3)
+    want = reference_kept(policy, inputs)
+    csp_inductor.compile(model, policy, compile=False)
+    backend = model.csp_backend
+    cache = backend.new_cache(8)
+    with torch.no_grad():
+        model(**inputs, **{backend.cache_arg: cache})
+    length = inputs["input_ids"].shape[1]
+    counts = [int(layer.lengths[0]) for layer in cache.pruned]
+    assert cache.layer_rows == [[n] for n in counts]
+    assert sum(counts) == len(counts) * policy.budget_for(length).kept
+    for layer, expected, kept in zip(cache.pruned, want, counts, strict=True):
+        assert layer.positions[0, :, :kept].tolist() == expected.tolist()
+        assert layer.keys.shape[2] == kept + 8  # each layer given back to its own count
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -17,7 +17,7 @@ from ..distributed import check_layout
 from ..model_layout import detect, self_attention
 from ..policies import Full, Policy
 from ..policy_table import PolicySlot, register_policy
-from . import bound, install, reread
+from . import adaptive, bound, install, reread
 from .compiled_forward import CompiledForward
 from .lm_head import CompiledHead
 from .specs import layer_specs
@@ -135,6 +135,8 @@ class Backend:
         step = self.end_step()
         if step is not None and step.cache is not None:
             step.cache.advance(tokens)
+            if step.layer_scores:  # an adaptive policy's prompt: its layers' counts
+                adaptive.trim(self, step)
             if step.rereads:
                 reread.reread(self, step)
         return step

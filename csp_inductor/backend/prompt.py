@@ -9,7 +9,7 @@ import torch
 
 from ..attention import leading_padding
 from ..model_layout import modality
-from . import layer_inputs, reread
+from . import adaptive, layer_inputs, reread
 from .step import Step
 
 if TYPE_CHECKING:
@@ -56,15 +56,20 @@ def plan_prompt(
         kept, step.keep, step.rereads = whole, backend.full_index, True
     elif policy.needs_layer_inputs and kept != whole:
         layer_inputs.collect(backend, step)
-    layer_kept = None
-    if policy.layer_rule != "uniform" and not keep_all and kept != whole:
-        rows = [policy.layer_counts(n, len(cache.pruned)) for n in whole]
+    layer_kept, layers = None, len(cache.pruned)
+    adapts = policy.layer_rule == "adaptive" and not keep_all and kept != whole
+    if adapts:  # every layer keeps the most it can, trimmed once the forward is done
+        layer_kept = [[policy.prefill_count(n) for n in whole]] * layers
+    elif policy.layer_rule != "uniform" and not keep_all and kept != whole:
+        rows = [policy.layer_counts(n, layers) for n in whole]
         layer_kept = [list(layer) for layer in zip(*rows, strict=True)]
         kept = [round(sum(row) / len(row)) for row in rows]
     chunk = reread.chunk_width(backend) if rereads else 0
     cache.start_prefill(
         kept, param.dtype, param.device, step.starts, pads, q_len, chunk, modality, layer_kept
     )
+    if adapts:
+        step.layer_scores = adaptive.score_buffers(cache, batch, q_len)
 
 
 def visual_tokens(backend: Backend, inputs: Inputs) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ..allocation import attention_density
 from ..ops import reprune_op
 from ..policies import Reconstruction
 from . import room
@@ -81,9 +82,14 @@ def reread(backend: Backend, prompt_step: Step) -> None:
     held = list(cache.rows)  # (a prompt: held whole)
     dropped = [0] * batch if carried is None else _dropped(policy, carried.seen, held)
     kept = [policy.budget_for(h + d).kept for h, d in zip(held, dropped, strict=True)]
+    layer_kept = None  # (a streamed prompt keeps the same count in every layer)
+    if policy.layer_rule != "uniform" and carried is None and kept != held:
+        layer_kept = _layer_counts(policy, cache, scores, held)
     device = cache.lengths.device
-    target, gone = (torch.tensor(x, dtype=torch.long, device=device) for x in (kept, dropped))
-    for layer, scale in zip(cache.pruned, backend.scales, strict=True):
+    gone = torch.tensor(dropped, dtype=torch.long, device=device)
+    for j, (layer, scale) in enumerate(zip(cache.pruned, backend.scales, strict=True)):
+        own = kept if layer_kept is None else layer_kept[j]
+        target = torch.tensor(own, dtype=torch.long, device=device)
         before = None if carried is None else layer.positions.clone()
         reprune_op(
             layer.keys, layer.values, layer.positions, layer.images, None, None, None,
@@ -93,9 +99,30 @@ def reread(backend: Backend, prompt_step: Step) -> None:
         if carried is not None:
             carried.scores[layer.index] = _kept_scores(scores[layer.index], before, layer, target)
     if carried is None:
-        cache.finish_reread(kept)
+        if layer_kept is not None:
+            kept = [round(sum(rows) / len(rows)) for rows in zip(*layer_kept, strict=True)]
+        cache.finish_prompt(kept, layer_kept)
     else:
         cache.pruned_to(kept)
+
+
+def _layer_counts(policy, cache, scores: dict, held: list[int]) -> list[list[int]]:
+    """Each pruned layer's kept count per row (``counts[j][b]``) when the policy shares its
+    budget among the layers: by its rule, from the re-read scores' densities."""
+    device = cache.lengths.device
+    layers = cache.pruned
+    density = None
+    if policy.layer_rule == "adaptive":
+        density = []
+        for layer in layers:
+            slots = torch.arange(scores[layer.index].shape[-1], device=device)
+            free = slots >= torch.tensor(held, device=device)[:, None]
+            density.append(attention_density(scores[layer.index], free).tolist())
+    by_row = [
+        policy.layer_counts(n, len(layers), None if density is None else [d[b] for d in density])
+        for b, n in enumerate(held)
+    ]
+    return [list(rows) for rows in zip(*by_row, strict=True)]
 
 
 def _dropped(policy, seen: list[int], held: list[int]) -> list[int]:

@@ -57,7 +57,7 @@ def block_masks(backend: Backend, step: Step, q_len: int) -> dict:
         masks[key] = decode_block_mask(
             layer.lengths, layer.positions, cache.seen, window, layer.spec.q_heads, q_len,
             null_slot=cache.null_slot, chunk=chunk, starts=cache.starts,
-            padding_slots=step.padding_slots if step.as_turn else None,
+            padding_slots=step.padding_slots_of(layer.index) if step.as_turn else None,
         )  # fmt: skip
         if not step.as_turn:
             backend.block_masks[(q_len, key)] = masks[key]
@@ -66,10 +66,17 @@ def block_masks(backend: Backend, step: Step, q_len: int) -> dict:
 
 def padding_slots(cache: PrunedCache, padding: torch.Tensor | None, width: int):
     """(batch, capacity) bool: which buffer slots the ``width`` new tokens' padding goes to
-    (they are written at each row's length); None without padding."""
+    (they are written at each row's length), by layer index (None: every layer's, where the
+    layers keep the same count); None without padding."""
     if padding is None:
         return None
-    slots = cache.lengths[:, None] + torch.arange(width, device=padding.device)
-    capacity = cache.pruned[0].keys.shape[2]
-    hidden = torch.zeros(padding.shape[0], capacity, dtype=torch.bool, device=padding.device)
-    return hidden.scatter_(1, slots, padding)
+    layers = [None] if cache.layer_rows is None else [layer.index for layer in cache.pruned]
+    out = {}
+    for index in layers:
+        layer = cache.pruned[0] if index is None else cache.layers[index]
+        slots = layer.lengths[:, None] + torch.arange(width, device=padding.device)
+        hidden = torch.zeros(
+            padding.shape[0], layer.keys.shape[2], dtype=torch.bool, device=padding.device
+        )
+        out[index] = hidden.scatter_(1, slots, padding)
+    return out

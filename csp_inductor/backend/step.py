@@ -61,8 +61,9 @@ class Step:
     is_image: Tensor | None = None  # (b, t) the visual tokens (prefill, turn)
     padding: Tensor | None = None  # (b, t) the padding tokens (None: none)
     starts: Tensor | None = None  # (b,) each row's left padding (a prefill)
-    # (b, capacity) the padding tokens' slots in the buffers (a turn or a re-read chunk)
-    padding_slots: Tensor | None = None
+    # (b, capacity) the padding tokens' slots in the buffers (a turn or a re-read chunk), by
+    # layer (None: every layer's, where they keep the same count); None: no padding
+    padding_slots: dict[int | None, Tensor] | None = None
     # flex block masks by layer (None: the global layers' shared one, where they keep the same
     # count), decode, turn, re-read
     block_masks: dict[int | None, object] = field(default_factory=dict)
@@ -71,6 +72,9 @@ class Step:
     # during this (eager) forward, by layer, and the policy
     layer_inputs: dict[int, dict] = field(default_factory=dict)
     scorer: Policy | None = None
+    # an adaptive policy's prompt: each layer's window scores (b, hkv, 2, L), written by its
+    # compaction, which the layers' counts are decided by once the forward is done
+    layer_scores: dict[int, Tensor] = field(default_factory=dict)
     reread: Reread | None = None  # a re-read chunk's scoring
     # a prompt to re-read once its forward is done, and its embeddings, modality, padding and
     # next position, captured at the decoder's input (:mod:`.reread`)
@@ -85,6 +89,13 @@ class Step:
     stream: Stream | None = None
     # what the step set up outside itself (hooks, flags), undone when it ends
     undo: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def padding_slots_of(self, index: int) -> Tensor | None:
+        """Layer ``index``'s padding slots (a turn or a re-read chunk; None: none)."""
+        slots = self.padding_slots
+        if slots is None:
+            return None
+        return slots[index] if index in slots else slots[None]
 
     @property
     def cached(self) -> bool:

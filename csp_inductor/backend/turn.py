@@ -39,9 +39,7 @@ def plan_turn(backend: Backend, step: Step, inputs: Inputs, keep_all: bool = Fal
         room.make_room(backend, cache, q_len)
     call = backend.generating
     cache.start_turn(q_len, kept, pads, room=0 if call is None else call.new_tokens)
-    # (layers of their own counts take turns without padding only: the cache refused it)
-    if cache.layer_rows is None:
-        step.padding_slots = room.padding_slots(cache, step.padding, q_len)
+    step.padding_slots = room.padding_slots(cache, step.padding, q_len)
     backend.block_masks.clear()
 
 

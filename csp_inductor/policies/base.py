@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .. import selection
-from ..budget import Budget, allocate, pyramid_weights, split_budget
+from ..allocation import MAX_SHARE, allocate, pyramid_weights
+from ..budget import Budget, split_budget
 from ..labels import SCORING, label
 from ..scoring import decomposed_scores
 
@@ -32,9 +33,10 @@ SCORINGS = ("window", "reconstruct")
 # the recent tokens a question-agnostic policy keeps by default (a fraction of the prompt): it
 # has no question at the prompt's end to keep close (measured: README, conversations)
 REREAD_WINDOW = 0.01
-# how a policy shares its budget among the layers (``layers=``): the same count in every layer,
-# or PyramidKV's, more in the first layers and less in the last
-LAYER_RULES = ("uniform", "pyramid")
+# how a policy shares its budget among the layers (``layers=``, :mod:`csp_inductor.allocation`):
+# the same count in every layer; PyramidKV's, more in the first layers and less in the last; or
+# by each layer's attention density (after VL-Cache)
+LAYER_RULES = ("uniform", "pyramid", "adaptive")
 
 
 class ScoringWindow(NamedTuple):
@@ -130,11 +132,11 @@ def _check_layers(policy: Policy) -> None:
     """The ``layers`` option: a rule of :data:`LAYER_RULES`, for a policy scored at prefill."""
     if policy.layers not in LAYER_RULES:
         raise ValueError(f"layers must be one of {LAYER_RULES}, got layers={policy.layers!r}")
-    if policy.layers != "uniform" and policy.reconstruction is not None:
+    if policy.layers == "adaptive" and policy.window_n is None:
         raise ValueError(
-            f"layers={policy.layers!r} is not supported with a question-agnostic policy (one "
-            f"that re-reads the prompt: {type(policy).__name__} with scoring by "
-            "reconstruction); supported: policies scored at prefill"
+            f"layers='adaptive' reads each layer's attention density from the window scores "
+            f"a policy ranks with; {type(policy).__name__} ranks by other scores; supported: "
+            "CSP and SnapKV"
         )
 
 
@@ -169,16 +171,40 @@ class Policy:
         option of the policies that take it, else ``"uniform"``)."""
         return getattr(self, "layers", "uniform")
 
-    def layer_counts(self, length: int, layers: int) -> list[int]:
+    def layer_counts(
+        self, length: int, layers: int, density: list[float] | None = None
+    ) -> list[int]:
         """Kept tokens of a ``length``-token sequence in each of ``layers`` layers. Every layer
         keeps the recent tokens of :meth:`budget_for`; its score-ranked tokens, ``layers · k``
-        in all, are shared out by :attr:`layer_rule` (none above the tokens there are to rank),
-        so the layers keep what a uniform policy keeps in total."""
+        in all, are shared out by :attr:`layer_rule` (``"adaptive"``: in proportion to each
+        layer's ``density``, :func:`~csp_inductor.allocation.attention_density`), none above
+        the tokens there are to rank or :data:`~csp_inductor.allocation.MAX_SHARE` times
+        ``k``, so the layers keep what a uniform policy keeps in total."""
         budget = self.budget_for(length)
         if self.layer_rule == "uniform" or budget.keep_all:
             return [budget.kept] * layers
-        ranked = allocate(budget.k * layers, pyramid_weights(layers), length - budget.recent)
+        if self.layer_rule == "pyramid":
+            weights = pyramid_weights(layers)
+        elif density is None or len(density) != layers:
+            raise ValueError(
+                f"layers='adaptive' shares the budget by the layers' attention densities: "
+                f"give one per layer ({layers}), got density={density}"
+            )
+        else:
+            weights = list(density)
+        ranked = allocate(budget.k * layers, weights, self._most_ranked(budget))
         return [budget.recent + k for k in ranked]
+
+    def prefill_count(self, length: int) -> int:
+        """What every layer keeps at the prefill of a ``length``-token sequence when its
+        count is known only afterwards (``layers="adaptive"``): the most a layer can keep,
+        trimmed to its own count once every layer's density is known."""
+        budget = self.budget_for(length)
+        return budget.kept if budget.keep_all else budget.recent + self._most_ranked(budget)
+
+    @staticmethod
+    def _most_ranked(budget: Budget) -> int:
+        return min(budget.length - budget.recent, MAX_SHARE * budget.k)
 
     def budget_kept(self, length: int, kept: int) -> Budget:
         """The budget of a ``length``-token sequence in a layer that keeps ``kept`` tokens
@@ -290,6 +316,15 @@ class Policy:
         idx = self._select(packed)
         back = order[:, None, :].expand(-1, idx.shape[1], -1).gather(2, idx.clamp_min(0))
         return back.masked_fill(idx < 0, -1)
+
+    def window_scores(
+        self, q: Tensor, k: Tensor, is_image: Tensor, key_padding: Tensor | None, scale=None
+    ) -> Tensor:
+        """(batch, kv_heads, 2, seq) fp32: the decomposed scores of the window queries this
+        policy (a window scorer) ranks a prompt by, what ``select`` takes as ``window_scores``."""
+        if self.window_n is None:
+            raise ValueError(f"{self!r} ranks by no window scores")
+        return _window_scores(self._prompt(q, k, is_image, key_padding, scale), self.window_n)
 
     def prepare(self, model) -> None:
         """Called with the model before each prompt a policy that :attr:`needs_layer_inputs`

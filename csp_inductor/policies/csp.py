@@ -46,10 +46,12 @@ class CSP(Policy):
             the queries of a re-reading of the prompt score it, :class:`Reconstruction`; a
             conversation turn is still scored by its window).
         layers: how the budget is shared among the layers (keyword only): ``"uniform"``
-            (the same count in every layer) or ``"pyramid"`` (PyramidKV: the score-ranked
+            (the same count in every layer), ``"pyramid"`` (PyramidKV: the score-ranked
             tokens from ``2 - 1/20`` times the mean in the first layer down to ``1/20`` of it
-            in the last; every layer keeps the recent tokens, and the layers together keep
-            what ``"uniform"`` keeps). Each layer's cache holds its own count.
+            in the last) or ``"adaptive"`` (after VL-Cache: in proportion to how spread each
+            layer's window attention is, :mod:`csp_inductor.allocation`). Every layer keeps the
+            recent tokens, and the layers together keep what ``"uniform"`` keeps; each
+            layer's cache holds its own count.
     """
 
     name: ClassVar[str] = "csp"
