@@ -18,9 +18,9 @@ computes it (:mod:`~csp_inductor.scoring`, :mod:`~csp_inductor.compaction`,
   -> the prompt's causal attention (b, L, hq, d) and a window scorer's scores (b, hkv, 2, L)
   fp32, its window rows computed once for both
 - ``csp_inductor::compact_(query, key, value, is_image, key_padding?, keys_out!, values_out!,
-  positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?, images_out!?,
-  scores?, window_scores?, scores_out!?)``: prefill (or a conversation turn's) selection + compaction into
-  the cache buffers
+  positions_out!, lengths, policy, scale, score_key?, lse?, start?, offset?,
+  images_out!?, scores?, window_scores?, scores_out!?)``: prefill (or a conversation turn's)
+  selection + compaction into the cache buffers
 - ``csp_inductor::reconstruct_scores_``: a re-read chunk's attention folded into the held
   tokens' scores, in place
 """

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 import csp_inductor
 from csp_inductor import CSP, H2O, KVzip, SnapKV
-from csp_inductor import allocation
 from csp_inductor.allocation import allocate, attention_density, pyramid_weights
 from csp_inductor.backend import adaptive
 
@@ -151,7 +150,7 @@ def test_per_row_batch_equals_each_row_alone():
 def test_refusals_name_the_option():
     with pytest.raises(ValueError, match=r"layers must be one of \('uniform', 'pyramid', 'adap"):
         CSP(layers="by-head")
-    with pytest.raises(ValueError, match="layers='adaptive' reads .* H2O ranks by other"):
+    with pytest.raises(ValueError, match=r"layers='adaptive' reads .* H2O ranks by other"):
         H2O(layers="adaptive")
     with pytest.raises(ValueError, match=r"give one per layer \(3\), got density=None"):
         CSP(layers="adaptive").layer_counts(500, 3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import csp_inductor
-from csp_inductor.allocation import attention_density
 from csp_inductor import CSP, KVzip, Oracle
+from csp_inductor.allocation import attention_density
 from csp_inductor.compat import LinearAttentionLayer
 from csp_inductor.policies import Reconstruction
 from csp_inductor.scoring import n_softmax_torch
