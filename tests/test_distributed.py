@@ -12,7 +12,7 @@ import torch
 from tp_worker import batch, run
 
 import csp_inductor
-from csp_inductor.cache import LayerSpec
+from csp_inductor.cache_layer import LayerSpec
 from csp_inductor.distributed import ALONE, Ranks, check_layout
 from csp_inductor.evaluation import haystack as hs
 from csp_inductor.evaluation.eval import PolicySpec, evaluate_haystack

@@ -21,7 +21,7 @@ import transformers
 
 import csp_inductor
 from csp_inductor import compat
-from csp_inductor.cache import PrunedLayer
+from csp_inductor.cache_layer import PrunedLayer
 from csp_inductor.compat import DummyLayer, LinearAttentionLayer
 from csp_inductor.testing import (
     assert_same_generation,

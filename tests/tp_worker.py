@@ -119,7 +119,7 @@ def refusals(out: str) -> dict:
         csp_inductor.compile(model, compile=False)
     except ValueError as e:
         got["uneven"] = str(e)
-    spec = csp_inductor.cache.LayerSpec(2, 16, q_heads=4)
+    spec = csp_inductor.cache_layer.LayerSpec(2, 16, q_heads=4)
     mesh = model._device_mesh["tp"]
     query = DTensor.from_local(torch.zeros(1, 4, 3, 16), mesh, [Replicate()])
     try:

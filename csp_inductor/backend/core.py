@@ -11,7 +11,8 @@ from torch import nn
 
 from .. import compat
 from ..attention import FLEX_BLOCK, choose_kernel
-from ..cache import LayerSpec, PrunedCache
+from ..cache import PrunedCache
+from ..cache_layer import LayerSpec
 from ..compiled import Compiled
 from ..distributed import check_layout
 from ..model_layout import detect, self_attention

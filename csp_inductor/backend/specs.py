@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import compat
-from ..cache import LayerSpec
+from ..cache_layer import LayerSpec
 from ..model_layout import ModelLayout, self_attention
 
 

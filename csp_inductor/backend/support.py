@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..cache import LayerSpec
+    from ..cache_layer import LayerSpec
     from ..model_layout import ModelLayout
     from ..policies import Policy
 

@@ -1,8 +1,8 @@
 """What to keep: CSP and the baselines, as frozen dataclasses behind one ``select`` interface
 (:class:`~.base.Policy`, whose module describes it), and :func:`make_policy`, a policy by name.
 
-- :mod:`.base`: :class:`Policy`, :class:`Prompt`, :class:`ScoringWindow`,
-  :class:`Reconstruction`, :class:`ScoredPolicy` and :class:`Full`;
+- :mod:`.base`: :class:`Policy`, :class:`ScoredPolicy` and :class:`Full`;
+- :mod:`.prompt`: :class:`Prompt`, :class:`ScoringWindow` and :class:`Reconstruction`;
 - :mod:`.csp`: :class:`CSP`;
 - :mod:`.baselines`: :class:`H2O`, :class:`SnapKV`, :class:`LookM`, :class:`StreamingLLM`,
   :class:`RandomKeep`, :class:`KNorm`;
@@ -19,14 +19,12 @@ from .base import (
     SCORINGS,
     Full,
     Policy,
-    Prompt,
-    Reconstruction,
     ScoredPolicy,
-    ScoringWindow,
 )
 from .baselines import H2O, KNorm, LookM, RandomKeep, SnapKV, StreamingLLM
 from .csp import CSP
 from .kvzip import KVzip, Oracle
+from .prompt import Prompt, Reconstruction, ScoringWindow
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls

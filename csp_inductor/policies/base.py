@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from ..allocation import MAX_SHARE, allocate, pyramid_weights
 from ..budget import Budget, split_budget
 from ..labels import SCORING, label
 from ..scoring import decomposed_scores
+from .prompt import Prompt, Reconstruction, ScoringWindow, window_mask
 
 SCORINGS = ("window", "reconstruct")
 # the recent tokens a question-agnostic policy keeps by default (a fraction of the prompt): it
@@ -37,81 +38,6 @@ REREAD_WINDOW = 0.01
 # the same count in every layer; PyramidKV's, more in the first layers and less in the last; or
 # by each layer's attention density (after VL-Cache)
 LAYER_RULES = ("uniform", "pyramid", "adaptive")
-
-
-class ScoringWindow(NamedTuple):
-    """What a window scorer scores: ``mask`` (batch, W) bool, which of the last ``W`` queries
-    count (each row's own window), and ``columns``, the keys before every row's always-kept
-    recent tokens (the only ones ranked by score)."""
-
-    mask: Tensor
-    columns: int
-
-
-class Prompt(NamedTuple):
-    """One layer's validated prompt, with each sequence's padding and budget."""
-
-    q: Tensor
-    k: Tensor
-    is_image: Tensor
-    key_padding: Tensor | None
-    scale: float
-    pads: list[int]
-    budgets: list[Budget]
-    window_scores: Tensor | None = None  # decomposed window scores computed by the caller
-    scores: Tensor | None = None  # (batch, kv_heads, seq) scores from the layer's own inputs
-
-    @property
-    def seq(self) -> int:
-        return self.k.shape[2]
-
-    def pool(self) -> Tensor:
-        """(batch, 1, seq) bool: the positions ranked by score, ``[pad, seq - recent)``."""
-        pos = torch.arange(self.seq, device=self.k.device)
-        lo = selection.counts(self.pads, self.k.device)[:, 0]
-        hi = selection.counts([self.seq - b.recent for b in self.budgets], self.k.device)[:, 0]
-        return ((pos >= lo) & (pos < hi))[:, None, :]
-
-    def real(self) -> Tensor:
-        """(batch, kv_heads, longest row) long: every non-padding position, wherever the
-        padding is (the keep-all selection)."""
-        pos = torch.arange(self.seq, device=self.k.device).expand(self.k.shape[0], -1)
-        if self.key_padding is not None:
-            pos = pos.masked_fill(self.key_padding, -1)
-        return selection.merge([pos[:, None].expand(-1, self.k.shape[1], -1)], self.seq)
-
-    def recent(self) -> Tensor:
-        """(batch, kv_heads, R) long: each sequence's always-kept last ``recent`` positions."""
-        lengths = selection.counts([b.recent for b in self.budgets], self.k.device)
-        return selection.span(self.seq - lengths, lengths, self.k.shape[1])
-
-    def window(self) -> tuple[Tensor, Tensor]:
-        """The scoring queries (batch, q_heads, W, head_dim) and the mask of those that count
-        (batch, W), W being the longest window in the batch."""
-        mask = _window_mask(self.budgets, self.k.device)
-        return self.q[:, :, self.seq - mask.shape[1] :], mask
-
-
-class Reconstruction(NamedTuple):
-    """How a question-agnostic policy scores a prompt: after the prefill the backend re-feeds
-    the prompt (its own embeddings, images as the same visual embeddings), ``chunk`` tokens at
-    a time after a separator, each chunk attending to the whole prompt and causally to itself,
-    and scores each prompt token by the attention it receives from the re-fed tokens' queries
-    (``queries``: ``"all"`` of them or the ``"text"`` ones), reduced over queries and the query
-    heads of its KV head by ``reduce`` (``"max"`` or ``"sum"``), split self/cross by whether
-    query and key share a modality. The scores reach :meth:`Policy.select` as its
-    ``window_scores``."""
-
-    chunk: int = 256
-    reduce: str = "max"
-    queries: str = "all"
-
-
-def _window_mask(budgets: list[Budget], device) -> Tensor:
-    """(batch, W) bool, W the longest window: which of the last W queries are a row's own."""
-    width = max(b.window for b in budgets)
-    own = selection.counts([b.window for b in budgets], device)[:, 0]
-    return torch.arange(width, device=device) >= width - own
 
 
 def _keep_all_as_recent(budget: Budget) -> Budget:
@@ -248,7 +174,7 @@ class Policy:
             return None
         device = None if key_padding is None else key_padding.device
         recent = min(b.recent for b in budgets if not b.keep_all)
-        return ScoringWindow(_window_mask(budgets, device), seq - recent)
+        return ScoringWindow(window_mask(budgets, device), seq - recent)
 
     def select(
         self,
@@ -432,9 +358,9 @@ def _window_scores(prompt: Prompt, n: float) -> Tensor:
     """The decomposed scores of the prompt's window queries: given, or computed here."""
     if prompt.window_scores is not None:
         return prompt.window_scores
-    q_window, window_mask = prompt.window()
+    q_window, mask = prompt.window()
     with label(SCORING):
         return decomposed_scores(
             q_window, prompt.k, prompt.is_image, n=n, scale=prompt.scale,
-            key_padding=prompt.key_padding, window_mask=window_mask,
+            key_padding=prompt.key_padding, window_mask=mask,
         )  # fmt: skip

@@ -12,7 +12,8 @@ from torch import Tensor
 from .. import selection
 from ..budget import Budget
 from ..scoring import decomposed_scores
-from .base import Prompt, ScoredPolicy, _window_scores
+from .base import ScoredPolicy, _window_scores
+from .prompt import Prompt
 
 
 def _column_sums(prompt: Prompt, q: Tensor) -> Tensor:

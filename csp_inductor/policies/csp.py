@@ -16,14 +16,13 @@ from .base import (
     REREAD_WINDOW,
     SCORINGS,
     Policy,
-    Prompt,
-    Reconstruction,
     _all_kept,
     _check_layers,
     _check_range,
     _real,
     _window_scores,
 )
+from .prompt import Prompt, Reconstruction
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import REREAD_WINDOW, Prompt, Reconstruction, ScoredPolicy, _window_scores
+from .base import REREAD_WINDOW, ScoredPolicy, _window_scores
+from .prompt import Prompt, Reconstruction
 
 
 @dataclass(frozen=True)
