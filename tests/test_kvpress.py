@@ -365,8 +365,15 @@ def test_press_policy_refusals():
         FromKVPress(KNorm(0.2))
     with pytest.raises(TypeError, match="ObservedAttentionPress"):
         FromKVPress(kvpress.ObservedAttentionPress())
+
+    class OwnCounts(kvpress.SnapKVPress):  # (kvpress's own such presses: PyramidKVPress)
+        def compress(self, *args, **kwargs):
+            return super().compress(*args, **kwargs)
+
     with pytest.raises(TypeError, match="overrides compress"):
-        FromKVPress(kvpress.PyramidKVPress())
+        FromKVPress(OwnCounts())
+    with pytest.raises(ValueError, match="PyramidKVPress shares its budget by the pyramid"):
+        FromKVPress(kvpress.PyramidKVPress(), layers="uniform")
     with pytest.raises(TypeError, match="not one"):
         FromKVPress(kvpress.KVzipPress())
     with pytest.raises(TypeError, match="not one"):
@@ -415,5 +422,31 @@ def test_query_presses_are_refused_on_multi_axis_rope():
         model.csp_backend.policy = FromKVPress(kvpress.KnormPress())
         tokens, _ = greedy(model, inputs, 2)
         assert tokens.shape == (1, 2)
+    finally:
+        csp_inductor.restore(model)
+
+
+def test_pyramid_press_keeps_its_count_in_each_layer_and_holds_only_that():
+    """A PyramidKVPress: its SnapKV scores, the budget shared by the pyramid rule at its beta,
+    each layer's cache holding its own count; the layers together the uniform total."""
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, "llava")
+    press = kvpress.PyramidKVPress(window_size=8, beta=4)
+    policy = FromKVPress(press, budget=0.3)
+    assert policy.layers == "pyramid" and policy.layer_weights(2) == [1.75, 0.25]
+    csp_inductor.compile(model, policy, compile=False)
+    try:
+        tokens, _ = greedy(model, inputs, 3)
+        assert tokens.shape == (1, 3)
+        cache = model.csp_backend.cache
+        length = inputs["input_ids"].shape[1]
+        layers = len(cache.pruned)
+        counts = policy.layer_counts(length, layers)
+        assert [int(layer.lengths[0]) for layer in cache.pruned] == [n + 2 for n in counts]
+        assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+        assert sum(counts) == layers * policy.budget_for(length).kept
+        per_layer = cache.kv_bytes_per_token() // layers
+        assert cache.nbytes() == sum(layer.keys.shape[2] for layer in cache.pruned) * per_layer
+        assert cache.nbytes() < layers * (length + 2) * per_layer
     finally:
         csp_inductor.restore(model)

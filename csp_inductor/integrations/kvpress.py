@@ -31,6 +31,7 @@ try:
         KeyDiffPress,
         KnormPress,
         ObservedAttentionPress,
+        PyramidKVPress,
         RandomPress,
         ScorerPress,
         SnapKVPress,
@@ -46,6 +47,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..allocation import pyramid_weights
 from ..backend.install import attn_implementations
 from ..budget import Budget, split_count
 from ..model_layout import detect, modality, self_attention
@@ -232,10 +234,13 @@ class FromKVPress(ScoredPolicy):
     copy of the press with ``compression_ratio = 1 - budget`` (some presses read it). The
     scores are computed from each attention layer's inputs, as kvpress computes them, so a
     prompt scored by a press runs the decoder eagerly; decode steps stay compiled. As with
-    kvpress, the turns of a conversation are kept whole. Presses that are more than a score are
-    refused: those that prune by their own rule (``compress`` overridden: per-head or per-layer
-    counts, chunks, merged or rewritten K/V) and those that need the attention weights; on
-    M-RoPE models, presses that rebuild queries (all but :data:`KEY_VALUE_PRESSES`).
+    kvpress, the turns of a conversation are kept whole. ``layers`` shares the budget among
+    the layers as for the other policies (``"uniform"`` or ``"pyramid"``); a
+    ``PyramidKVPress`` is its SnapKV score with ``layers="pyramid"`` at the press's ``beta``.
+    Other presses that are more than a score are refused: those that prune by their own rule
+    (``compress`` overridden: per-head counts, chunks, merged or rewritten K/V) and those that
+    need the attention weights; on M-RoPE models, presses that rebuild queries (all but
+    :data:`KEY_VALUE_PRESSES`).
     """
 
     name = "kvpress"
@@ -243,7 +248,14 @@ class FromKVPress(ScoredPolicy):
 
     press: ScorerPress
 
-    def __init__(self, press: ScorerPress, budget: float = 0.2, window_ratio: float = 0.1):
+    def __init__(
+        self,
+        press: ScorerPress,
+        budget: float = 0.2,
+        window_ratio: float = 0.1,
+        *,
+        layers: str | None = None,
+    ):
         if not isinstance(press, ScorerPress):
             raise TypeError(
                 f"FromKVPress takes a kvpress ScorerPress (it ranks by press.score); got "
@@ -254,14 +266,22 @@ class FromKVPress(ScoredPolicy):
                 "FromKVPress cannot use ObservedAttentionPress: it scores with the prompt's "
                 "full attention matrix, which the backend never forms (use H2O)"
             )
-        if type(press).compress is not ScorerPress.compress:
+        pyramid = isinstance(press, PyramidKVPress)
+        if type(press).compress is not ScorerPress.compress and not pyramid:
             raise TypeError(
                 f"FromKVPress cannot use {type(press).__name__}: it overrides compress (its "
                 "own counts or K/V rewriting), which is more than a score the backend can rank "
                 "by"
             )
+        if layers is None:
+            layers = "pyramid" if pyramid else "uniform"
+        if pyramid and layers != "pyramid":
+            raise ValueError(
+                f"a PyramidKVPress shares its budget by the pyramid rule; got layers={layers!r}"
+            )
         object.__setattr__(self, "budget", budget)
         object.__setattr__(self, "window_ratio", window_ratio)
+        object.__setattr__(self, "layers", layers)
         self.__post_init__()
         press = copy.copy(press)
         press.compression_ratio = round(1 - budget, 12)
@@ -274,8 +294,13 @@ class FromKVPress(ScoredPolicy):
     def __repr__(self) -> str:
         return (
             f"FromKVPress({type(self.press).__name__}, budget={self.budget}, "
-            f"window_ratio={self.window_ratio})"
+            f"window_ratio={self.window_ratio}, layers={self.layers!r})"
         )
+
+    def layer_weights(self, layers: int) -> list[float]:
+        if isinstance(self.press, PyramidKVPress):
+            return pyramid_weights(layers, self.press.beta)
+        return super().layer_weights(layers)
 
     def prepare(self, model) -> None:
         text = model.config.get_text_config()

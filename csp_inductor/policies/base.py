@@ -110,7 +110,7 @@ class Policy:
         if self.layer_rule == "uniform" or budget.keep_all:
             return [budget.kept] * layers
         if self.layer_rule == "pyramid":
-            weights = pyramid_weights(layers)
+            weights = self.layer_weights(layers)
         elif density is None or len(density) != layers:
             raise ValueError(
                 f"layers='adaptive' shares the budget by the layers' attention densities: "
@@ -120,6 +120,10 @@ class Policy:
             weights = list(density)
         ranked = allocate(budget.k * layers, weights, self._most_ranked(budget))
         return [budget.recent + k for k in ranked]
+
+    def layer_weights(self, layers: int) -> list[float]:
+        """The ``"pyramid"`` rule's shares of ``layers`` layers (PyramidKV's, beta 20)."""
+        return pyramid_weights(layers)
 
     def prefill_count(self, length: int) -> int:
         """What every layer keeps at the prefill of a ``length``-token sequence when its

@@ -24,9 +24,11 @@ def reference_select(
     is_image: Tensor,
     key_padding: Tensor | None = None,
     scale: float | None = None,
+    kept: list[int] | None = None,
 ) -> Tensor:
     """``policy.select`` computed the slow way: each sequence on its own, unpadded, with dense
-    fp64 scores and Python ranking (:mod:`csp_inductor.reference`), shifted back by its padding.
+    fp64 scores and Python ranking (:mod:`csp_inductor.reference`), shifted back by its padding
+    (keeping ``kept[b]`` tokens of row ``b`` when given, as a layer of its own count does).
 
     Raises TypeError for a policy that is not one of :data:`COVERED` (KVzip, Oracle, a
     kvpress bridge, …), whatever its budget: there is no reference to compare it with."""
@@ -39,7 +41,8 @@ def reference_select(
         pad = 0 if key_padding is None else int(key_padding[b].sum())
         qb, kb = q[b : b + 1, :, pad:].double(), k[b : b + 1, :, pad:].double()
         img = is_image[b : b + 1, pad:]
-        budget = policy.budget_for(seq - pad)
+        length = seq - pad
+        budget = policy.budget_for(length) if kept is None else policy.budget_kept(length, kept[b])
         per_head = _reference_rows(policy, qb, kb, img, budget, scale)
         rows.append([[j + pad for j in r] for r in per_head])
     return reference.pad_rows(rows)
