@@ -273,15 +273,11 @@ class FromKVPress(ScoredPolicy):
                 "own counts or K/V rewriting), which is more than a score the backend can rank "
                 "by"
             )
-        if layers is None:
-            layers = "pyramid" if pyramid else "uniform"
+        layers = layers or ("pyramid" if pyramid else "uniform")
         if pyramid and layers != "pyramid":
-            raise ValueError(
-                f"a PyramidKVPress shares its budget by the pyramid rule; got layers={layers!r}"
-            )
-        object.__setattr__(self, "budget", budget)
-        object.__setattr__(self, "window_ratio", window_ratio)
-        object.__setattr__(self, "layers", layers)
+            raise ValueError(f"a PyramidKVPress shares its budget by the pyramid rule; {layers=}")
+        for name, value in (("budget", budget), ("window_ratio", window_ratio), ("layers", layers)):
+            object.__setattr__(self, name, value)
         self.__post_init__()
         press = copy.copy(press)
         press.compression_ratio = round(1 - budget, 12)
