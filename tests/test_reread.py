@@ -85,25 +85,6 @@ def reference_kept(policy, inputs) -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.reconstruction.chunk}")
-def test_reread_keeps_what_the_reference_keeps(policy):
-    model = tiny_model("llava")
-    inputs = tiny_inputs(model, "llava", seed=3)
-    want = reference_kept(policy, inputs)
-    csp_inductor.compile(model, policy, compile=False)
-    backend = model.csp_backend
-    cache = backend.new_cache(8)
-    with torch.no_grad():
-        model(**inputs, **{backend.cache_arg: cache})
-    kept = policy.budget_for(inputs["input_ids"].shape[1]).kept
-    assert cache.rows == [kept]
-    assert cache.turns[0] == ([inputs["input_ids"].shape[1]], [kept])
-    for layer, expected in zip(cache.pruned, want, strict=True):
-        assert layer.positions[0, :, :kept].tolist() == expected.tolist()
-        assert (layer.positions[0, :, kept:] == -1).all()  # given back: kept + decode room
-    assert cache.pruned[0].keys.shape[2] == kept + 8
-
-
 LAYERED = [
     KVzip(budget=0.3, window_ratio=0.05, layers="adaptive"),
     CSP(budget=0.3, window_ratio=0.05, n=0.0, scoring="reconstruct", layers="adaptive"),
@@ -111,8 +92,12 @@ LAYERED = [
 ]
 
 
-@pytest.mark.parametrize("policy", LAYERED, ids=lambda p: f"{p.name}-{p.layers}")
-def test_reread_layers_keep_their_own_counts_as_the_reference(policy):
+@pytest.mark.parametrize(
+    "policy", POLICIES + LAYERED, ids=lambda p: f"{p.name}-{p.reconstruction.chunk}-{p.layers}"
+)
+def test_reread_keeps_what_the_reference_keeps(policy):
+    """Each layer's kept positions (its own count, where the layers share the budget by the
+    re-read's densities or the pyramid) equal the reference's; each is given back to them."""
     model = tiny_model("llava")
     inputs = tiny_inputs(model, "llava", seed=3)
     want = reference_kept(policy, inputs)
@@ -122,12 +107,17 @@ def test_reread_layers_keep_their_own_counts_as_the_reference(policy):
     with torch.no_grad():
         model(**inputs, **{backend.cache_arg: cache})
     length = inputs["input_ids"].shape[1]
+    kept = policy.budget_for(length).kept
     counts = [int(layer.lengths[0]) for layer in cache.pruned]
-    assert cache.layer_rows == [[n] for n in counts]
-    assert sum(counts) == len(counts) * policy.budget_for(length).kept
-    for layer, expected, kept in zip(cache.pruned, want, counts, strict=True):
-        assert layer.positions[0, :, :kept].tolist() == expected.tolist()
-        assert layer.keys.shape[2] == kept + 8  # each layer given back to its own count
+    assert sum(counts) == len(counts) * kept and cache.turns[0] == ([length], [kept])
+    if policy.layer_rule == "uniform":
+        assert cache.rows == [kept] and counts == [kept] * len(counts)
+    else:
+        assert cache.layer_rows == [[n] for n in counts]
+    for layer, expected, held in zip(cache.pruned, want, counts, strict=True):
+        assert layer.positions[0, :, :held].tolist() == expected.tolist()
+        assert (layer.positions[0, :, held:] == -1).all()  # given back: kept + decode room
+        assert layer.keys.shape[2] == held + 8
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
