@@ -85,6 +85,7 @@ test-compat: $(COMPAT_VENV)/.installed
 	CSP_LOCK=locks/compat.txt $(COMPAT_VENV)/bin/python -m pytest tests/test_packaging.py \
 		tests/test_backend.py tests/test_families.py \
 		tests/test_conversation.py tests/test_bounded.py tests/test_reread.py tests/test_stream.py \
+		tests/test_layers.py \
 		tests/test_builtin_model.py tests/test_compat.py tests/test_family_matrix.py \
 		tests/test_kvpress.py \
 		-k "not compiled_is_exact or llava or gemma3"

@@ -232,6 +232,14 @@ class PrunedCache(Cache):
         return self.turns[0][1] if self.turns else []
 
     @property
+    def held(self) -> list[int]:
+        """Tokens each row holds in a layer (rounded mean over the layers, where they keep
+        their own counts), for reports."""
+        if self.layer_rows is None:
+            return list(self.rows)
+        return [round(sum(rows) / len(rows)) for rows in zip(*self.layer_rows, strict=True)]
+
+    @property
     def longest(self) -> int:
         """The longest row's stored tokens."""
         return max(self.rows)

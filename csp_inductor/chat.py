@@ -56,7 +56,7 @@ class Conversation:
 def held(model) -> str:
     """The KV a pruned cache holds after a turn (its first row), against the full cache."""
     cache = model.csp_backend.cache
-    seen, per_token, rows = int(cache.seen), cache.kv_bytes_per_token(), cache.rows[0]
+    seen, per_token, rows = int(cache.seen), cache.kv_bytes_per_token(), cache.held[0]
     tokens, kept = cache.turns[-1]
     return (
         f"KV held {rows * per_token / 2**10:.1f} KiB: {rows} tokens of {seen} seen (this turn "

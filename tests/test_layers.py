@@ -137,6 +137,7 @@ def test_each_layer_holds_exactly_its_kept_tokens(pyramid_model):
     # each layer: its kept tokens and the decode room (5 slots), nothing else
     assert cache.nbytes() == sum(n + 5 for n in counts) * per_layer_token
     assert cache.kept_prompt == [kept]  # the mean over the layers, what reports read
+    assert cache.held == [kept + 4] and cache.rows == [counts[0] + 4]  # (rows: the longest)
 
 
 def test_compiled_equals_eager_one_graph_per_phase_and_batch(pyramid_model):
