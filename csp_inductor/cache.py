@@ -47,6 +47,12 @@ from .compaction import clear_images_from
 from .ops import write_decode_op
 
 
+def row_means(layer_kept: list[list[int]]) -> list[int]:
+    """Each row's tokens per layer, the rounded mean of ``layer_kept[j][b]`` over the layers
+    ``j`` (what a cache whose layers keep their own counts reports)."""
+    return [round(sum(rows) / len(rows)) for rows in zip(*layer_kept, strict=True)]
+
+
 class PrunedCache(Cache):
     """A transformers ``Cache`` holding pruned, compacted K/V (see the module docstring).
 
@@ -138,32 +144,41 @@ class PrunedCache(Cache):
             self.ring_positions = torch.full((len(kept), self.window), -1, device=device)
             self.ring_images = torch.zeros(len(kept), self.window, dtype=torch.bool, device=device)
         self._mark_null_slot()
-        self.layer_rows = None if layer_kept is None else [list(rows) for rows in layer_kept]
-        longest = (
-            kept if layer_kept is None else [max(rows) for rows in zip(*layer_kept, strict=True)]
-        )
-        self.lengths = torch.tensor(longest, dtype=torch.long, device=device)
-        for layer, rows in zip(self.pruned, counts, strict=True):
-            own = layer_kept is not None
-            layer.lengths = torch.tensor(rows, device=device) if own else self.lengths
+        self.lengths = torch.tensor(kept, dtype=torch.long, device=device)
+        self.rows = list(kept)
+        for layer in self.pruned:
+            layer.lengths = self.lengths
+        if layer_kept is not None:
+            self._by_layer(layer_kept)
         self.starts = torch.zeros_like(self.lengths) if starts is None else starts.to(device)
-        self.rows = list(longest)
         self.seen = self.seen.to(device)
         self.padding = [0] * len(kept) if padding is None else list(padding)
         real = kept if tokens is None else [tokens - pad for pad in self.padding]
         self.turns = [(list(real), list(kept))]
         self.phase = "prefill"
 
+    def _by_layer(self, layer_kept: list[list[int]]) -> None:
+        """From now on the ``j``-th pruned layer holds ``layer_kept[j][b]`` tokens of row
+        ``b``, in lengths of its own; ``lengths``/``rows`` hold each row's longest layer."""
+        self.layer_rows = [list(rows) for rows in layer_kept]
+        for layer, rows in zip(self.pruned, layer_kept, strict=True):
+            layer.lengths = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.rows = [max(rows) for rows in zip(*layer_kept, strict=True)]
+        self.lengths.copy_(torch.tensor(self.rows, dtype=torch.long))
+
     def _capacity(self, slots: int) -> int:
         """Buffer length for ``slots`` tokens: the null slot added, whole flex blocks."""
         return -(-(slots + int(self.null_slot)) // self.align) * self.align
 
-    def finish_prompt(self, kept: list[int], layer_kept: list[list[int]] | None = None) -> None:
+    def finish_prompt(
+        self, kept: list[int] | None = None, layer_kept: list[list[int]] | None = None
+    ) -> None:
         """After a prompt held whole (re-read) or over-kept (``layers="adaptive"``) was pruned
-        in place to ``kept[b]`` tokens per row (to
-        ``layer_kept[j][b]`` in the ``j``-th pruned layer, when the layers keep different
-        counts; ``kept`` then their mean): record them and give the buffers back, down to the
-        kept tokens and the decode room."""
+        in place to ``kept[b]`` tokens per row, or to ``layer_kept[j][b]`` in the ``j``-th
+        pruned layer (the layers keeping their own counts; their :func:`row_means` reported):
+        record them and give the buffers back, down to the kept tokens and the decode room."""
+        if layer_kept is not None:
+            kept = row_means(layer_kept)
         self.turns[0] = (self.turns[0][0], list(kept))
         self.pruned_to(kept, layer_kept)
         self.fit(self.decode_capacity)
@@ -172,13 +187,11 @@ class PrunedCache(Cache):
         """After the held tokens were pruned in place to ``kept[b]`` per row (or each layer's
         to its own ``layer_kept[j][b]``, from then on: see :meth:`finish_prompt`): record them,
         and clear the slots after them."""
-        if layer_kept is not None:
-            self.layer_rows = [list(rows) for rows in layer_kept]
-            for layer, rows in zip(self.pruned, layer_kept, strict=True):
-                layer.lengths = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-            kept = [max(rows) for rows in zip(*layer_kept, strict=True)]
-        self.lengths.copy_(torch.tensor(kept, dtype=torch.long))
-        self.rows = list(kept)
+        if layer_kept is None:
+            self.lengths.copy_(torch.tensor(kept, dtype=torch.long))
+            self.rows = list(kept)
+        else:
+            self._by_layer(layer_kept)
         for layer in self.pruned:
             slots = torch.arange(layer.keys.shape[2], device=self.lengths.device)
             free = slots >= layer.lengths[:, None, None]
@@ -237,7 +250,7 @@ class PrunedCache(Cache):
         their own counts), for reports."""
         if self.layer_rows is None:
             return list(self.rows)
-        return [round(sum(rows) / len(rows)) for rows in zip(*self.layer_rows, strict=True)]
+        return row_means(self.layer_rows)
 
     @property
     def longest(self) -> int:

@@ -59,8 +59,7 @@ def trim(backend: Backend, step: Step) -> None:
         unused = scores.new_zeros(()).expand(batch, scores.shape[1], seq, 1)  # no scorer reads it
         idx = policy.select(unused, unused, step.is_image, padding, window_scores=scores, kept=kept)
         _keep(layer, idx)
-    mean = [round(sum(rows) / len(rows)) for rows in zip(*counts, strict=True)]
-    cache.finish_prompt(mean, counts)
+    cache.finish_prompt(layer_kept=counts)
 
 
 def _keep(layer, idx: torch.Tensor) -> None:  # (the slots after them cleared by the cache)

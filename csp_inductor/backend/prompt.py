@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..attention import leading_padding
+from ..cache import row_means
 from ..model_layout import modality
 from . import adaptive, layer_inputs, reread
 from .step import Step
@@ -63,7 +64,7 @@ def plan_prompt(
     elif policy.layer_rule != "uniform" and not keep_all and kept != whole:
         rows = [policy.layer_counts(n, layers) for n in whole]
         layer_kept = [list(layer) for layer in zip(*rows, strict=True)]
-        kept = [round(sum(row) / len(row)) for row in rows]
+        kept = row_means(layer_kept)
     chunk = reread.chunk_width(backend) if rereads else 0
     cache.start_prefill(
         kept, param.dtype, param.device, step.starts, pads, q_len, chunk, modality, layer_kept

@@ -99,9 +99,7 @@ def reread(backend: Backend, prompt_step: Step) -> None:
         if carried is not None:
             carried.scores[layer.index] = _kept_scores(scores[layer.index], before, layer, target)
     if carried is None:
-        if layer_kept is not None:
-            kept = [round(sum(rows) / len(rows)) for rows in zip(*layer_kept, strict=True)]
-        cache.finish_prompt(kept, layer_kept)
+        cache.finish_prompt(kept if layer_kept is None else None, layer_kept)
     else:
         cache.pruned_to(kept)
 

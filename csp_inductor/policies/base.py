@@ -55,14 +55,15 @@ def _all_kept(budget: Budget, k: int) -> bool:
 
 
 def _check_layers(policy: Policy) -> None:
-    """The ``layers`` option: a rule of :data:`LAYER_RULES`, for a policy scored at prefill."""
+    """The ``layers`` option: a rule of :data:`LAYER_RULES`; ``"adaptive"`` needs the window
+    (or re-read) scores a layer's density is read from."""
     if policy.layers not in LAYER_RULES:
         raise ValueError(f"layers must be one of {LAYER_RULES}, got layers={policy.layers!r}")
     if policy.layers == "adaptive" and policy.window_n is None:
         raise ValueError(
             f"layers='adaptive' reads each layer's attention density from the window scores "
             f"a policy ranks with; {type(policy).__name__} ranks by other scores; supported: "
-            "CSP and SnapKV"
+            "CSP, SnapKV and KVzip"
         )
 
 
