@@ -46,20 +46,30 @@ def trim(backend: Backend, step: Step) -> None:
     batch, seq = step.is_image.shape
     pads = [0] * batch if padding is None else padding.sum(dim=1).tolist()
     layers = cache.pruned
-    density = torch.stack(
-        [attention_density(step.layer_scores[layer.index], padding) for layer in layers]
-    ).tolist()  # (layers, batch)
-    by_row = [
-        policy.layer_counts(seq - pad, len(layers), [d[row] for d in density])
-        for row, pad in enumerate(pads)
-    ]
-    counts = [list(kept) for kept in zip(*by_row, strict=True)]  # by layer
+    scores = [step.layer_scores[layer.index] for layer in layers]
+    counts = layer_counts(policy, [seq - pad for pad in pads], len(layers), scores, padding)
     for layer, kept in zip(layers, counts, strict=True):
         scores = step.layer_scores.pop(layer.index)
         unused = scores.new_zeros(()).expand(batch, scores.shape[1], seq, 1)  # no scorer reads it
         idx = policy.select(unused, unused, step.is_image, padding, window_scores=scores, kept=kept)
         _keep(layer, idx)
     cache.finish_prompt(layer_kept=counts)
+
+
+def layer_counts(
+    policy, lengths: list[int], layers: int, scores: list[torch.Tensor], padding
+) -> list[list[int]]:
+    """Each of ``layers`` layers' kept count of each row of ``lengths[b]`` real tokens
+    (``counts[j][b]``), by the policy's rule; ``"adaptive"`` reads the densities of the layers'
+    ``scores`` (b, hkv, 2, slots), ``padding`` (b, slots) True where a slot holds no token."""
+    density = None
+    if policy.layer_rule == "adaptive":
+        density = torch.stack([attention_density(s, padding) for s in scores]).tolist()
+    by_row = [
+        policy.layer_counts(n, layers, None if density is None else [d[b] for d in density])
+        for b, n in enumerate(lengths)
+    ]
+    return [list(kept) for kept in zip(*by_row, strict=True)]
 
 
 def _keep(layer, idx: torch.Tensor) -> None:  # (the slots after them cleared by the cache)

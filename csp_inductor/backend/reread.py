@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ..allocation import attention_density
 from ..ops import reprune_op
 from ..policies import Reconstruction
-from . import room
+from . import adaptive, room
 from .step import REREAD, Reread, Step
 
 if TYPE_CHECKING:
@@ -84,7 +83,10 @@ def reread(backend: Backend, prompt_step: Step) -> None:
     kept = [policy.budget_for(h + d).kept for h, d in zip(held, dropped, strict=True)]
     layer_kept = None  # (a streamed prompt keeps the same count in every layer)
     if policy.layer_rule != "uniform" and carried is None and kept != held:
-        layer_kept = _layer_counts(policy, cache, scores, held)
+        slots = torch.arange(cache.pruned[0].keys.shape[2], device=cache.lengths.device)
+        free = slots >= torch.tensor(held, device=slots.device)[:, None]  # (no token there)
+        by_layer = [scores[layer.index] for layer in cache.pruned]
+        layer_kept = adaptive.layer_counts(policy, held, len(cache.pruned), by_layer, free)
     device = cache.lengths.device
     gone = torch.tensor(dropped, dtype=torch.long, device=device)
     for j, (layer, scale) in enumerate(zip(cache.pruned, backend.scales, strict=True)):
@@ -102,25 +104,6 @@ def reread(backend: Backend, prompt_step: Step) -> None:
         cache.finish_prompt(kept if layer_kept is None else None, layer_kept)
     else:
         cache.pruned_to(kept)
-
-
-def _layer_counts(policy, cache, scores: dict, held: list[int]) -> list[list[int]]:
-    """Each pruned layer's kept count per row (``counts[j][b]``) when the policy shares its
-    budget among the layers: by its rule, from the re-read scores' densities."""
-    device = cache.lengths.device
-    layers = cache.pruned
-    density = None
-    if policy.layer_rule == "adaptive":
-        density = []
-        for layer in layers:
-            slots = torch.arange(scores[layer.index].shape[-1], device=device)
-            free = slots >= torch.tensor(held, device=device)[:, None]
-            density.append(attention_density(scores[layer.index], free).tolist())
-    by_row = [
-        policy.layer_counts(n, len(layers), None if density is None else [d[b] for d in density])
-        for b, n in enumerate(held)
-    ]
-    return [list(rows) for rows in zip(*by_row, strict=True)]
 
 
 def _dropped(policy, seen: list[int], held: list[int]) -> list[int]:
