@@ -1,7 +1,7 @@
 """Prefill cost of CSP's scoring, one layer: the unpruned causal attention vs attention + scores.
 
 One layer's prompt attention at L tokens (fp32, head_dim 64, 85% image tokens), budget 0.2
-(window W = 0.1·L). Providers, alternated round by round in one process:
+(the paper's window, W = 0.1·L queries). Providers, alternated round by round in one process:
 
 - ``attention``: SDPA's causal CPU kernel alone, what an unpruned prefill runs;
 - ``csp``: the same attention, then CSP's scores (the CPU path: the scorer computes the
@@ -9,12 +9,14 @@ One layer's prompt attention at L tokens (fp32, head_dim 64, 85% image tokens), 
 - ``csp_lse``: the kernel's log-sum-exp handed to the scorer, which then skips them and scores
   only the keys before the recent window (what the FlexAttention path does);
 - ``csp_shared``: what the CPU prefill runs (``csp_inductor::window_prefill``): the kernel on
-  the first ``L - W`` rows only, the window rows' attention from the scorer's own logits.
+  the first ``L - W`` rows only, the window rows' attention from the scorer's own logits;
+- ``csp_shared_q{N}``: the same with ``CSP(query_window=N)``: N scoring queries, the same
+  kept tokens.
 
 Each row records ``overhead``: the provider's median per-round time ratio to ``attention``,
 minus 1. Sizes: ``CSP_BENCH_PREFILL_CONTEXTS`` (default 4096,8192,16384),
 ``CSP_BENCH_PREFILL_HEADS`` (default ``8,8;16,4``: q heads, KV heads per shape),
-``CSP_BENCH_PREFILL_ROUNDS`` (default 3).
+``CSP_BENCH_PREFILL_ROUNDS`` (default 3), ``CSP_BENCH_PREFILL_QUERY_WINDOWS`` (default 64).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ HEADS = [
     for shape in os.environ.get("CSP_BENCH_PREFILL_HEADS", "8,8;16,4").split(";")
 ]
 ROUNDS = env_int("CSP_BENCH_PREFILL_ROUNDS", 3)
+QUERY_WINDOWS = env_ints("CSP_BENCH_PREFILL_QUERY_WINDOWS", "64")
 HEAD_DIM = 64
-POLICY = CSP(budget=0.2)
+POLICY = CSP(budget=0.2, query_window=0)  # the paper's window: W = 0.1·L queries
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
@@ -62,18 +65,21 @@ def test_prefill_scoring_overhead(benchmark, heads, context):
         _, lse = attention()
         return _scores_from_lse(POLICY, p.q, p.k, p.is_image, None, lse, scale)
 
-    index = torch.tensor(register_policy(POLICY))
+    def window_prefill(policy):
+        index = torch.tensor(register_policy(policy))
+        op = torch.ops.csp_inductor.window_prefill
+        return lambda: op(p.q, p.k, v, p.is_image, None, index, scale)
 
-    def shared():
-        return torch.ops.csp_inductor.window_prefill(p.q, p.k, v, p.is_image, None, index, scale)
-
+    shared = window_prefill(POLICY)
     providers = {"attention": attention, "csp": csp, "csp_lse": reuse, "csp_shared": shared}
+    for n in QUERY_WINDOWS:
+        providers[f"csp_shared_q{n}"] = window_prefill(CSP(budget=0.2, query_window=n))
     medians, ratios = interleaved(providers, ROUNDS, warmup=1)
     record(
         benchmark, provider="csp_shared",
         shapes={"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": HEAD_DIM,
                 "context": context, "window": window, "dtype": "float32"},
         interleaved_s=medians,
-        overhead={name: 1 / ratios[name] - 1 for name in ("csp", "csp_lse", "csp_shared")},
+        overhead={name: 1 / ratios[name] - 1 for name in providers if name != "attention"},
     )  # fmt: skip
     benchmark.pedantic(shared, rounds=1, iterations=1)

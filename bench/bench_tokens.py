@@ -15,7 +15,10 @@ image-heavy prompt of ``CSP_BENCH_TOKENS_CONTEXT`` tokens (default 8192). Provid
 - ``csp``: ``csp_inductor.compile(model, CSP(budget))`` (compiled, the default);
 - ``csp_<rule>`` for each rule of ``CSP_BENCH_TOKENS_LAYERS`` (e.g. ``pyramid,adaptive``;
   default none): ``CSP(budget, layers=rule)``, compiled: the same total budget shared among
-  the layers; its ratio to ``csp`` (``vs_uniform``) is the cost of layers of their own counts.
+  the layers; its ratio to ``csp`` (``vs_uniform``) is the cost of layers of their own counts;
+- ``csp_q<N>`` for each N of ``CSP_BENCH_TOKENS_QUERY_WINDOWS`` (e.g. ``0``: the paper's
+  uncapped window; default none): ``CSP(budget, query_window=N)``, compiled; its
+  ``prefill_vs_csp`` is its prefill's median per-round ratio to ``csp``'s.
 
 Each round runs one ``generate`` of ``CSP_BENCH_TOKENS_NEW`` tokens per provider, in turn; a
 logits processor stamps every token and a round's figure is the median gap between
@@ -60,6 +63,7 @@ ROUNDS = env_int("CSP_BENCH_TOKENS_ROUNDS", 3)
 BUDGET = float(os.environ.get("CSP_BENCH_BUDGET", "0.2"))
 THREADS = env_ints("CSP_BENCH_TOKENS_THREADS", "0,1")
 LAYER_RULES = [r for r in os.environ.get("CSP_BENCH_TOKENS_LAYERS", "").split(",") if r]
+QUERY_WINDOWS = env_ints("CSP_BENCH_TOKENS_QUERY_WINDOWS", "")
 MODELS = [
     tuple(int(x) for x in shape.split(","))
     for shape in os.environ.get("CSP_BENCH_TOKENS_MODELS", "512,4,8,8;1024,4,16,4").split(";")
@@ -117,9 +121,11 @@ def _run(benchmark, shape):
         presses["kvpress"] = kvpress.SnapKVPress(compression_ratio=1 - BUDGET)
     for name, compiled in (("csp_eager", False), ("csp", True)):
         models[name] = csp_inductor.compile(long_context_llava(*shape), policy, compile=compiled)
-    for rule in LAYER_RULES:
-        by_layer = csp_inductor.CSP(budget=BUDGET, layers=rule)
-        models[f"csp_{rule}"] = csp_inductor.compile(long_context_llava(*shape), by_layer)
+    variants = {f"csp_{rule}": {"layers": rule} for rule in LAYER_RULES}
+    variants |= {f"csp_q{n}": {"query_window": n} for n in QUERY_WINDOWS}
+    for name, options in variants.items():
+        variant = csp_inductor.CSP(budget=BUDGET, **options)
+        models[name] = csp_inductor.compile(long_context_llava(*shape), variant)
     prompt = image_heavy_prompt(full, CONTEXT)
     kept = policy.budget_for(prompt["input_ids"].shape[1]).kept
     inputs = {name: prompt for name in models}
@@ -147,9 +153,9 @@ def _run(benchmark, shape):
     lengths = {name: int(x["input_ids"].shape[1]) for name, x in inputs.items()}
     kv_tokens = {"full": lengths["full"], "kept": lengths["kept"], "csp_eager": capacity,
                  "csp": capacity}  # fmt: skip
-    for rule in LAYER_RULES:  # the layers' buffers, per layer on average
-        layers = models[f"csp_{rule}"].csp_backend.cache.pruned
-        kv_tokens[f"csp_{rule}"] = sum(layer.keys.shape[2] for layer in layers) / len(layers)
+    for name in variants:  # the layers' buffers, per layer on average
+        layers = models[name].csp_backend.cache.pruned
+        kv_tokens[name] = sum(layer.keys.shape[2] for layer in layers) / len(layers)
     if "kvpress" in models:
         kv_tokens["kvpress"] = _held_by_press(full, prompt, presses["kvpress"])
     result = {}
@@ -175,6 +181,10 @@ def _run(benchmark, shape):
     for rule in LAYER_RULES:
         result[f"csp_{rule}"]["vs_uniform"] = statistics.median(
             t / u for t, u in zip(times[f"csp_{rule}"], times["csp"], strict=True)
+        )
+    for n in QUERY_WINDOWS:
+        result[f"csp_q{n}"]["prefill_vs_csp"] = statistics.median(
+            p / c for p, c in zip(prefills[f"csp_q{n}"], prefills["csp"], strict=True)
         )
     result["csp"]["speedup_vs_eager"] = statistics.median(
         e / c for e, c in zip(times["csp_eager"], times["csp"], strict=True)

@@ -18,9 +18,9 @@ class Budget:
     """Token counts for one sequence of ``length`` real (non-padding) prompt tokens.
 
     ``keep_all`` is True when nothing is pruned: the budget is the whole prompt, the prompt is
-    too short for a single scoring query (``window == 0``), or there are fewer candidate
-    tokens than quotas (``length - recent < k_self + k_cross``, which covers the spec's
-    ``length < hh + window``). Then all ``length`` tokens are kept.
+    too short for a single window token (``int(length * window_ratio) == 0``), or there are
+    fewer candidate tokens than quotas (``length - recent < k_self + k_cross``, which covers
+    the spec's ``length < hh + window``). Then all ``length`` tokens are kept.
     """
 
     length: int
@@ -54,6 +54,7 @@ def split_budget(
     cross_ratio: float = 0.5,
     recent_bias: float = 1.0,
     faithful: bool = False,
+    query_window: int | None = None,
 ) -> Budget:
     """CSP's budget split for a prompt of ``length`` tokens.
 
@@ -63,11 +64,16 @@ def split_budget(
     tokens are ranked; ``faithful=True`` keeps the authors' ``k_self = int(k * (1 -
     cross_ratio))`` (one token short when ``k * cross_ratio`` is not whole) and their fixed
     ``(k_cross, k_self) = (1, 308)`` for ``cross_ratio <= 0``.
+
+    ``query_window`` caps the scoring queries apart from the kept tokens: the last
+    ``min(W, query_window)`` queries score the prompt, while the recent and ranked counts stay
+    those of ``window_ratio`` (None: no cap, the paper's ``W``).
     """
     hh = int(length * _frac(budget - window_ratio))
-    window = int(length * window_ratio)
-    recent = window if recent_bias == 1 else int(window * recent_bias)
-    k = hh + window - recent
+    span = int(length * window_ratio)
+    window = span if query_window is None else min(span, query_window)
+    recent = span if recent_bias == 1 else int(span * recent_bias)
+    k = hh + span - recent
     if faithful and cross_ratio <= 0:
         k_cross, k_self = AUTHORS_ZERO_CROSS_QUOTAS
     else:
@@ -83,10 +89,7 @@ def split_budget(
         k_self=k_self,
         k_cross=k_cross,
         keep_all=(
-            budget >= 1
-            or window == 0
-            or hh + window >= length
-            or length - recent < k_self + k_cross
+            budget >= 1 or span == 0 or hh + span >= length or length - recent < k_self + k_cross
         ),
     )
 

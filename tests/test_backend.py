@@ -121,7 +121,7 @@ def masked_oracle(module, query, key, value, attention_mask, scaling=None, **kwa
 
 COMPACTED = [
     CSP(), SnapKV(), H2O(budget=0.3), CSP(layers="pyramid"), SnapKV(layers="pyramid"),
-    CSP(layers="adaptive"),
+    CSP(layers="adaptive"), CSP(query_window=4),
 ]  # fmt: skip
 
 
@@ -186,11 +186,16 @@ LSE_PROMPTS = {
 }
 
 
+# the paper's window (as many queries as recent tokens) and a cap below it
+WINDOWS = [CSP(query_window=0), CSP(query_window=4)]
+
+
+@pytest.mark.parametrize("policy", WINDOWS, ids=repr)
 @pytest.mark.parametrize("inputs", list(LSE_PROMPTS.values()), ids=list(LSE_PROMPTS))
-def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
+def test_flex_prefill_with_and_without_the_attentions_lse(inputs, policy, monkeypatch):
     """The model keeps the same tokens and gives the same logits whether its scorer reuses
     FlexAttention's log-sum-exp (the default in plain causal layers) or computes its own."""
-    model = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
+    model = csp_inductor.compile(tiny_llava(), policy, kernel="flex", compile=False)
     given = compaction._scores_from_lse
     used = []
 
@@ -213,8 +218,9 @@ def test_flex_prefill_with_and_without_the_attentions_lse(inputs, monkeypatch):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("policy", WINDOWS, ids=repr)
 @pytest.mark.parametrize("inputs", list(LSE_PROMPTS.values()), ids=list(LSE_PROMPTS))
-def test_cpu_prefill_computes_the_window_rows_once(inputs, monkeypatch):
+def test_cpu_prefill_computes_the_window_rows_once(inputs, policy, monkeypatch):
     """On the CPU a window scorer's last rows are attended by the scoring pass itself: every
     layer goes through it, and the model keeps the tokens, and gives the logits, of the
     FlexAttention path, which attends to all rows in its kernel and scores from its LSE."""
@@ -226,8 +232,8 @@ def test_cpu_prefill_computes_the_window_rows_once(inputs, monkeypatch):
         return given(*args, **kwargs)
 
     monkeypatch.setattr(compaction, "window_attention_torch", spy)
-    shared = csp_inductor.compile(tiny_llava(), CSP(), compile=False)
-    flex = csp_inductor.compile(tiny_llava(), CSP(), kernel="flex", compile=False)
+    shared = csp_inductor.compile(tiny_llava(), policy, compile=False)
+    flex = csp_inductor.compile(tiny_llava(), policy, kernel="flex", compile=False)
     runs = []
     for model in (shared, flex):
         cache = model.csp_backend.new_cache(decode_capacity=1)
@@ -235,7 +241,10 @@ def test_cpu_prefill_computes_the_window_rows_once(inputs, monkeypatch):
             logits = model(**inputs, past_key_values=cache).logits
         kept = max(cache.lengths.tolist())  # (flex rounds its buffers up to its block)
         runs.append((logits, [layer.positions[..., :kept].clone() for layer in cache.layers]))
-    window = CSP().scoring_window(inputs["input_ids"].shape[1], None).mask.shape[1]
+    seq = inputs["input_ids"].shape[1]
+    window = policy.scoring_window(seq, None).mask.shape[1]
+    if policy.query_window:
+        assert window == policy.query_window < policy.budget_for(seq).recent
     assert calls == [window] * 3
     (ours, our_positions), (theirs, their_positions) = runs
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

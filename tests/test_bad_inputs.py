@@ -79,6 +79,26 @@ CASES = [
         r"window_ratio must be a number in \(0.0, 0.1\], got window_ratio=0.2",
     ),
     (
+        "query_window -1",
+        lambda m, i: CSP(query_window=-1),
+        ValueError,
+        r"query_window must be an int >= 0 \(0: no cap\) or None \(the default\), got "
+        "query_window=-1",
+    ),
+    (
+        "query_window float",
+        lambda m, i: CSP(query_window=0.5),
+        ValueError,
+        r"query_window must be an int >= 0 \(0: no cap\) or None \(the default\), got "
+        "query_window=0.5",
+    ),
+    (
+        "query_window faithful",
+        lambda m, i: CSP(faithful=True, query_window=64),
+        ValueError,
+        "faithful=True reproduces the authors' code, which scores with all",
+    ),
+    (
         "cross_ratio 1.2",
         lambda m, i: CSP(cross_ratio=1.2),
         ValueError,

@@ -6,6 +6,7 @@ import torch
 import csp_inductor
 from csp_inductor import CSP, H2O, Full, KNorm, LookM, SnapKV, StreamingLLM
 from csp_inductor.budget import split_budget
+from csp_inductor.policies.csp import QUERY_WINDOW
 from csp_inductor.testing import random_prompt, reference_select
 
 
@@ -22,6 +23,23 @@ def test_budget_defaults_match_the_authors():
     assert (faithful.k_cross, faithful.k_self) == (1, 308)
     assert split_budget(9, 0.2, 0.1).keep_all  # no window query at all
     assert split_budget(1000, 1.0, 0.1).keep_all
+
+
+def test_query_window_caps_the_scoring_queries_only():
+    paper = split_budget(1000, 0.2, 0.1)
+    for cap, window in ((64, 64), (100, 100), (5000, 100)):
+        b = split_budget(1000, 0.2, 0.1, query_window=cap)
+        assert b.window == window
+        assert (b.recent, b.k, b.k_self, b.k_cross, b.kept) == (
+            paper.recent, paper.k, paper.k_self, paper.k_cross, paper.kept,
+        )  # fmt: skip
+    assert split_budget(9, 0.2, 0.1, query_window=64).keep_all  # no recent token at all
+    # the default caps the window at 64 queries; 0 and faithful=True leave the paper's
+    assert CSP().budget_for(16000).window == QUERY_WINDOW == 64
+    assert CSP().budget_for(500).window == 50
+    assert CSP(query_window=0).budget_for(16000).window == 1600
+    assert CSP(faithful=True).query_window == CSP.from_authors().query_window == 0
+    assert CSP(faithful=True).budget_for(16000).window == 1600
 
 
 def test_default_csp_spends_the_whole_budget_faithful_keeps_the_authors_count():
@@ -45,6 +63,8 @@ POLICY_CASES = [
     CSP(),
     CSP(budget=0.35, window_ratio=0.05, cross_ratio=0.9, n=0.0),
     CSP(cross_ratio=0.1, sink_tokens=3),
+    CSP(query_window=4),
+    CSP(budget=0.3, query_window=0),
     CSP(faithful=True),
     CSP.from_authors(cross_ratio=0.0),
     CSP.from_authors(recent_ratio=0.2, kv_recent_bias=0.5),

@@ -88,6 +88,7 @@ def policies(draw):
         sink_tokens=0 if faithful else draw(st.integers(0, 4)),
         faithful=faithful,
         recent_bias=draw(st.sampled_from([1.0, 0.5])),
+        query_window=None if faithful else draw(st.sampled_from([0, 1, 4, 64])),
     )
 
 

@@ -24,6 +24,9 @@ from .base import (
 )
 from .prompt import Prompt, Reconstruction
 
+# the most window queries that score a prompt by default (README, "The scoring window")
+QUERY_WINDOW = 64
+
 
 @dataclass(frozen=True)
 class CSP(Policy):
@@ -34,6 +37,10 @@ class CSP(Policy):
         window_ratio: scoring window and always-kept recent tokens, as a fraction of the
             prompt, in (0, budget]; default 0.1, or ``REREAD_WINDOW`` (recent tokens only)
             with ``scoring="reconstruct"``.
+        query_window: at most this many of the window's queries score the prompt, the last
+            ones (the recent tokens kept stay ``int(L * window_ratio)``); default
+            ``QUERY_WINDOW`` (64), chosen by measurement (README, "The scoring window"), or no
+            cap with ``faithful=True``; 0: no cap, the paper's ``int(L * window_ratio)``.
         cross_ratio: share of the score-ranked tokens chosen by the cross-modality score.
         n: the n-softmax parameter used for ranking (0 = ordinary softmax).
         sink_tokens: first real tokens always kept, taken out of the self quota.
@@ -62,6 +69,7 @@ class CSP(Policy):
     faithful: bool = False
     recent_bias: float = 1.0
     scoring: str = "window"
+    query_window: int | None = None
     layers: str = field(default="uniform", kw_only=True)
 
     def __post_init__(self) -> None:
@@ -81,6 +89,22 @@ class CSP(Policy):
                 f"sink_tokens must be an int >= 0, got sink_tokens={self.sink_tokens!r}"
             )
         _check_layers(self)
+        if self.query_window is None:
+            object.__setattr__(self, "query_window", 0 if self.faithful else QUERY_WINDOW)
+        if (
+            not isinstance(self.query_window, int)
+            or isinstance(self.query_window, bool)
+            or (self.query_window < 0)
+        ):
+            raise ValueError(
+                f"query_window must be an int >= 0 (0: no cap) or None (the default), got "
+                f"query_window={self.query_window!r}"
+            )
+        if self.faithful and self.query_window:
+            raise ValueError(
+                f"faithful=True reproduces the authors' code, which scores with all "
+                f"int(L * window_ratio) window queries; got query_window={self.query_window}"
+            )
         if self.faithful and self.layers != "uniform":
             raise ValueError(
                 f"faithful=True reproduces the authors' code, which keeps the same count in "
@@ -115,7 +139,7 @@ class CSP(Policy):
     def budget_for(self, length: int) -> Budget:
         return split_budget(
             length, self.budget, self.window_ratio, self.cross_ratio, self.recent_bias,
-            self.faithful,
+            self.faithful, self.query_window or None,
         )  # fmt: skip
 
     def _ranked(self, budget: Budget, k: int) -> Budget:
