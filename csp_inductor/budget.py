@@ -54,7 +54,7 @@ def split_budget(
     cross_ratio: float = 0.5,
     recent_bias: float = 1.0,
     faithful: bool = False,
-    query_window: int | None = None,
+    query_window: int = 0,
 ) -> Budget:
     """CSP's budget split for a prompt of ``length`` tokens.
 
@@ -67,11 +67,11 @@ def split_budget(
 
     ``query_window`` caps the scoring queries apart from the kept tokens: the last
     ``min(W, query_window)`` queries score the prompt, while the recent and ranked counts stay
-    those of ``window_ratio`` (None: no cap, the paper's ``W``).
+    those of ``window_ratio`` (0: no cap, the paper's ``W``).
     """
     hh = int(length * _frac(budget - window_ratio))
     span = int(length * window_ratio)
-    window = span if query_window is None else min(span, query_window)
+    window = min(span, query_window) if query_window else span
     recent = span if recent_bias == 1 else int(span * recent_bias)
     k = hh + span - recent
     if faithful and cross_ratio <= 0:

@@ -139,7 +139,7 @@ class CSP(Policy):
     def budget_for(self, length: int) -> Budget:
         return split_budget(
             length, self.budget, self.window_ratio, self.cross_ratio, self.recent_bias,
-            self.faithful, self.query_window or None,
+            self.faithful, self.query_window,
         )  # fmt: skip
 
     def _ranked(self, budget: Budget, k: int) -> Budget:
